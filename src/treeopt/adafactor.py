@@ -1,0 +1,192 @@
+"""Adafactor optimizer."""
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from treeopt import base
+
+
+def _rms(x: jax.Array) -> jax.Array:
+    return jnp.sqrt(base.safe_mean(x * x))
+
+
+class Adafactor(base.Optimizer):
+    """Adafactor: Adam-like steps with a factored second moment and relative size.
+
+    Per leaf, with ``t = step + 1`` and ``rho = 1 - t**(-decay_rate)``::
+
+        v_row <- rho * v_row + (1 - rho) * mean(g**2, -1)     (factored, ndim >= 2)
+        v_col <- rho * v_col + (1 - rho) * mean(g**2, -2)
+        y = g * sqrt(mean(v_row) / (v_row + eps1)) * (v_col + eps1)**-0.5
+        y <- y / max(1, rms(y) / clipping_threshold);  u = y * lr * max(rms(w), eps2)
+        m <- beta1 * m + (1 - beta1) * u;  u = m       (do_momentum only)
+        w <- (1 - wd) * w - u
+
+    Unfactored leaves keep ``v <- rho * v + (1 - rho) * g**2``, ``y = g *
+    (v + eps1)**-0.5``. ``wd`` is ``weight_decay_rate``, scaled by
+    ``max(n - step, 0) / n`` when ``weight_decay_n_steps = n >= 1``.
+
+    Slots: a list ``[v_row, v_col]`` (float32; shapes ``w.shape[:-1]`` and
+    ``w.shape[:-2] + w.shape[-1:]``) or ``[v]`` (float32), then ``m`` if
+    ``do_momentum``.
+    Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory
+    Cost" (2018), https://arxiv.org/abs/1804.04235.
+
+    Differences from Trax: ``clipping_threshold=None`` and
+    ``weight_decay_n_steps=None`` work as documented; the unfactored ``v`` is
+    float32 from the start; ``epsilon1`` is added where the formula above shows,
+    not to ``g**2`` before averaging (the same up to ``epsilon1`` in ``mean``).
+    """
+
+    def __init__(
+        self,
+        learning_rate: ArrayLike = 0.05,
+        factored: bool = True,
+        multiply_by_parameter_scale: bool = True,
+        do_clipping: bool = True,
+        do_momentum: bool = False,
+        momentum_in_bfloat16: bool = False,
+        beta1: ArrayLike = 0.0,
+        decay_rate: ArrayLike = 0.8,
+        clipping_threshold: ArrayLike | None = 1.0,
+        weight_decay_rate: ArrayLike = 1e-5,
+        weight_decay_n_steps: ArrayLike | None = 0,
+        epsilon1: ArrayLike = 1e-16,
+        epsilon2: ArrayLike = 1e-3,
+    ) -> None:
+        """Creates an Adafactor optimizer.
+
+        Args:
+          learning_rate: step size, >= 0 (relative to ``rms(w)`` if
+            ``multiply_by_parameter_scale``).
+          factored: factor the second moment of leaves with ndim >= 2.
+          multiply_by_parameter_scale: scale steps by ``max(rms(w), epsilon2)``.
+          do_clipping: clip the update's RMS at ``clipping_threshold``.
+          do_momentum: keep a first moment ``m`` with decay ``beta1``.
+          momentum_in_bfloat16: store ``m`` in bfloat16 to save memory.
+          beta1: momentum decay, in [0, 1).
+          decay_rate: exponent of the second-moment decay schedule, in [0, 1].
+          clipping_threshold: update-clipping threshold (> 0); None: no clipping.
+          weight_decay_rate: fraction of ``w`` removed each step, in [0, 1].
+          weight_decay_n_steps: decay linearly to 0 over this many steps (>= 1);
+            0 or None: the same decay at every step.
+          epsilon1: regularizes the squared-gradient statistics, >= 0.
+          epsilon2: lower bound of the parameter scale, >= 0.
+        """
+        flags = dict(
+            factored=factored,
+            multiply_by_parameter_scale=multiply_by_parameter_scale,
+            do_clipping=do_clipping,
+            do_momentum=do_momentum,
+            momentum_in_bfloat16=momentum_in_bfloat16,
+        )
+        for name, value in flags.items():
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
+        base.check_unit_interval("beta1", beta1)
+        base.check_range("decay_rate", decay_rate, 0.0, 1.0)
+        if clipping_threshold is not None:
+            base.check_positive("clipping_threshold", clipping_threshold)
+        base.check_range("weight_decay_rate", weight_decay_rate, 0.0, 1.0)
+        if weight_decay_n_steps is not None:
+            base.check_nonnegative("weight_decay_n_steps", weight_decay_n_steps)
+        base.check_nonnegative("epsilon1", epsilon1)
+        base.check_nonnegative("epsilon2", epsilon2)
+        self._factored = factored
+        self._multiply_by_parameter_scale = multiply_by_parameter_scale
+        self._do_clipping = do_clipping and clipping_threshold is not None
+        self._do_momentum = do_momentum
+        self._momentum_in_bfloat16 = momentum_in_bfloat16
+        super().__init__(
+            learning_rate,
+            None,
+            beta1=beta1,
+            decay_rate=decay_rate,
+            # None means "off": keep the key (Trax state has it) with a neutral value.
+            clipping_threshold=jnp.inf
+            if clipping_threshold is None
+            else clipping_threshold,
+            weight_decay_rate=weight_decay_rate,
+            weight_decay_n_steps=weight_decay_n_steps or 0,
+            epsilon1=epsilon1,
+            epsilon2=epsilon2,
+        )
+
+    @property
+    def factored(self) -> bool:
+        return self._factored
+
+    @property
+    def multiply_by_parameter_scale(self) -> bool:
+        return self._multiply_by_parameter_scale
+
+    @property
+    def do_clipping(self) -> bool:
+        return self._do_clipping
+
+    @property
+    def do_momentum(self) -> bool:
+        return self._do_momentum
+
+    @property
+    def momentum_in_bfloat16(self) -> bool:
+        return self._momentum_in_bfloat16
+
+    def _is_factored(self, w: jax.Array) -> bool:
+        return self._factored and w.ndim >= 2
+
+    def _split(self, slots: list) -> tuple[list, jax.Array | None]:
+        """``slots`` as (second-moment statistics, momentum or None)."""
+        return (slots[:-1], slots[-1]) if self._do_momentum else (slots, None)
+
+    def init(self, weights: jax.Array) -> list[jax.Array]:
+        w = weights
+        dt = base.compute_dtype(w)
+        if self._is_factored(w):
+            stats = [
+                jnp.zeros(w.shape[:-1], dt),
+                jnp.zeros(w.shape[:-2] + w.shape[-1:], dt),
+            ]
+        else:
+            stats = [jnp.zeros(w.shape, dt)]
+        m = [jnp.zeros_like(w, jnp.bfloat16 if self._momentum_in_bfloat16 else None)]
+        return stats + m if self._do_momentum else stats
+
+    def update(self, step, grads, weights, slots, opt_params):
+        stats, m_old = self._split(slots)
+        w, g, *stats = base.upcast(weights, grads, *stats)
+        names = ("learning_rate", "beta1", "decay_rate", "clipping_threshold")
+        lr, beta1, decay_rate, threshold = base.hyperparams(opt_params, w.dtype, *names)
+        names = ("weight_decay_rate", "weight_decay_n_steps", "epsilon1", "epsilon2")
+        wd, n, eps1, eps2 = base.hyperparams(opt_params, w.dtype, *names)
+        t = base.step_count(step, w.dtype)
+        rho = 1 - t ** (-decay_rate)
+        g2 = g * g
+        if self._is_factored(w):
+            v_row, v_col = stats
+            v_row = rho * v_row + (1 - rho) * base.safe_mean(g2, axis=-1)
+            v_col = rho * v_col + (1 - rho) * base.safe_mean(g2, axis=-2)
+            row = jnp.sqrt(base.safe_mean(v_row, -1, keepdims=True) / (v_row + eps1))
+            y = g * row[..., None] * jax.lax.rsqrt(v_col + eps1)[..., None, :]
+            new_stats = [v_row, v_col]
+        else:
+            (v,) = stats
+            v = rho * v + (1 - rho) * g2
+            y = g * jax.lax.rsqrt(v + eps1)
+            new_stats = [v]
+        if self._do_clipping:
+            y = y / jnp.maximum(1, _rms(y) / threshold)
+        u = lr * y
+        if self._multiply_by_parameter_scale:
+            u = u * jnp.maximum(_rms(w), eps2)
+        new_m = []
+        if self._do_momentum:
+            u = beta1 * m_old.astype(u.dtype) + (1 - beta1) * u
+            new_m = [u.astype(m_old.dtype)]
+        step_f = jnp.asarray(step).astype(w.dtype)
+        wd = jnp.where(n < 1, wd, wd * jnp.maximum(n - step_f, 0) / jnp.maximum(n, 1))
+        w = (1 - wd) * w - u
+        return w.astype(weights.dtype), base.cast_like(
+            new_stats, slots[: len(new_stats)]
+        ) + new_m
