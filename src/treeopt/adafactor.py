@@ -153,7 +153,14 @@ class Adafactor(base.Optimizer):
         m = [jnp.zeros_like(w, jnp.bfloat16 if self._momentum_in_bfloat16 else None)]
         return stats + m if self._do_momentum else stats
 
-    def update(self, step, grads, weights, slots, opt_params):
+    def update(
+        self,
+        step: ArrayLike,
+        grads: jax.Array,
+        weights: jax.Array,
+        slots: list[jax.Array],
+        opt_params: base.OptParams,
+    ) -> tuple[jax.Array, list[jax.Array]]:
         stats, m_old = self._split(slots)
         w, g, *stats = base.upcast(weights, grads, *stats)
         names = ("learning_rate", "beta1", "decay_rate", "clipping_threshold")

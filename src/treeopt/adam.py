@@ -57,7 +57,14 @@ class Adam(base.Optimizer):
     def init(self, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
         return jnp.zeros_like(weights), jnp.zeros_like(weights)
 
-    def update(self, step, grads, weights, slots, opt_params):
+    def update(
+        self,
+        step: ArrayLike,
+        grads: jax.Array,
+        weights: jax.Array,
+        slots: tuple[jax.Array, jax.Array],
+        opt_params: base.OptParams,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         w, g, m, v = base.upcast(weights, grads, *slots)
         names = ("learning_rate", "weight_decay_rate", "b1", "b2", "eps")
         lr, wd, b1, b2, eps = base.hyperparams(opt_params, w.dtype, *names)

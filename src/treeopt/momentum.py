@@ -60,7 +60,14 @@ class Momentum(base.Optimizer):
     def init(self, weights: jax.Array) -> jax.Array:
         return jnp.zeros_like(weights)
 
-    def update(self, step, grads, weights, slots, opt_params):
+    def update(
+        self,
+        step: ArrayLike,
+        grads: jax.Array,
+        weights: jax.Array,
+        slots: jax.Array,
+        opt_params: base.OptParams,
+    ) -> tuple[jax.Array, jax.Array]:
         del step
         w, g, v = base.upcast(weights, grads, slots)
         names = ("learning_rate", "mass", "weight_decay_rate")

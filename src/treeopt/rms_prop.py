@@ -43,7 +43,14 @@ class RMSProp(base.Optimizer):
         # Ones, not zeros: Trax's choice, kept so that Trax slots load and match.
         return jnp.ones_like(weights)
 
-    def update(self, step, grads, weights, slots, opt_params):
+    def update(
+        self,
+        step: ArrayLike,
+        grads: jax.Array,
+        weights: jax.Array,
+        slots: jax.Array,
+        opt_params: base.OptParams,
+    ) -> tuple[jax.Array, jax.Array]:
         del step
         w, g, a = base.upcast(weights, grads, slots)
         lr, gamma, eps = base.hyperparams(

@@ -134,7 +134,14 @@ class SM3(base.Optimizer):
         v2s = [jnp.zeros(s, w.dtype) for s in shapes] if self._graft else []
         return m, v1s, v2s
 
-    def update(self, step, grads, weights, slots, opt_params):
+    def update(
+        self,
+        step: ArrayLike,
+        grads: jax.Array,
+        weights: jax.Array,
+        slots: tuple,
+        opt_params: base.OptParams,
+    ) -> tuple[jax.Array, tuple]:
         del step
         m_old, v1s_old, v2s_old = slots
         w, g = base.upcast(weights, grads)
