@@ -10,6 +10,7 @@ from treeopt.momentum import Momentum as Momentum
 from treeopt.rms_prop import RMSProp as RMSProp
 from treeopt.sm3 import SM3 as SM3
 from treeopt.sm3 import MomentumType as MomentumType
+from treeopt.trainer import Trainer as Trainer
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
     "MomentumType",
     "Optimizer",
     "RMSProp",
+    "Trainer",
     "clip_grads",
     "l2_norm",
 ]
