@@ -24,13 +24,21 @@ CASES = [
     (treeopt.RMSProp, {"learning_rate": 0.05}, "rmsprop"),
     (treeopt.RMSProp, {"learning_rate": 0.05, "clip_grad_norm": 0.5}, "rmsprop-clip"),
     (treeopt.Adafactor, {"learning_rate": 0.5}, "adafactor"),
-    (treeopt.Adafactor, {"learning_rate": 0.5, "factored": False}, "adafactor-unfactored"),
+    (
+        treeopt.Adafactor,
+        {"learning_rate": 0.5, "factored": False},
+        "adafactor-unfactored",
+    ),
     (
         treeopt.Adafactor,
         {"learning_rate": 0.05, "multiply_by_parameter_scale": False},
         "adafactor-no-scale",
     ),
-    (treeopt.Adafactor, {"learning_rate": 0.5, "do_clipping": False}, "adafactor-no-clip"),
+    (
+        treeopt.Adafactor,
+        {"learning_rate": 0.5, "do_clipping": False},
+        "adafactor-no-clip",
+    ),
     (
         treeopt.Adafactor,
         {"learning_rate": 0.5, "clipping_threshold": 0.3},
@@ -48,7 +56,11 @@ CASES = [
     ),
     (
         treeopt.Adafactor,
-        {"learning_rate": 0.5, "clipping_threshold": None, "weight_decay_n_steps": None},
+        {
+            "learning_rate": 0.5,
+            "clipping_threshold": None,
+            "weight_decay_n_steps": None,
+        },
         "adafactor-none-options",
     ),
     (treeopt.SM3, {"learning_rate": 0.1}, "sm3-ema"),
@@ -88,7 +100,12 @@ CASES = [
 # compared against the reference at bfloat16 tolerance in test_adafactor.py.
 BF16_MOMENTUM = (
     treeopt.Adafactor,
-    {"learning_rate": 0.5, "do_momentum": True, "beta1": 0.9, "momentum_in_bfloat16": True},
+    {
+        "learning_rate": 0.5,
+        "do_momentum": True,
+        "beta1": 0.9,
+        "momentum_in_bfloat16": True,
+    },
     "adafactor-bf16-momentum",
 )
 

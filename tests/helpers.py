@@ -43,6 +43,9 @@ def assert_tree_close(actual, expected, rtol, atol=0.0, what=""):
     assert a_def == e_def, f"{what}: structure {a_def} != {e_def}"
     for i, (a, e) in enumerate(zip(a_leaves, e_leaves, strict=True)):
         np.testing.assert_allclose(
-            np.asarray(a, np.float64), np.asarray(e, np.float64), rtol=rtol,
-            atol=atol, err_msg=f"{what} leaf {i}",
+            np.asarray(a, np.float64),
+            np.asarray(e, np.float64),
+            rtol=rtol,
+            atol=atol,
+            err_msg=f"{what} leaf {i}",
         )

@@ -41,8 +41,15 @@ def adam_init(w):
 
 
 def adam_step(
-    step, g, w, slots, learning_rate=1e-4, weight_decay_rate=1e-5, b1=0.9,
-    b2=0.999, eps=1e-5,
+    step,
+    g,
+    w,
+    slots,
+    learning_rate=1e-4,
+    weight_decay_rate=1e-5,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-5,
 ):
     g, w = _a(g), _a(w)
     m, v = slots
@@ -63,7 +70,13 @@ def momentum_init(w):
 
 
 def momentum_step(
-    step, g, w, v, learning_rate=0.01, mass=0.9, weight_decay_rate=1e-5,
+    step,
+    g,
+    w,
+    v,
+    learning_rate=0.01,
+    mass=0.9,
+    weight_decay_rate=1e-5,
     nesterov=True,
 ):
     g, w = _a(g), _a(w)
@@ -104,10 +117,23 @@ def _rms(x):
 
 
 def adafactor_step(
-    step, g, w, slots, learning_rate=0.05, factored=True,
-    multiply_by_parameter_scale=True, do_clipping=True, do_momentum=False,
-    momentum_in_bfloat16=False, beta1=0.0, decay_rate=0.8, clipping_threshold=1.0,
-    weight_decay_rate=1e-5, weight_decay_n_steps=0, epsilon1=1e-16, epsilon2=1e-3,
+    step,
+    g,
+    w,
+    slots,
+    learning_rate=0.05,
+    factored=True,
+    multiply_by_parameter_scale=True,
+    do_clipping=True,
+    do_momentum=False,
+    momentum_in_bfloat16=False,
+    beta1=0.0,
+    decay_rate=0.8,
+    clipping_threshold=1.0,
+    weight_decay_rate=1e-5,
+    weight_decay_n_steps=0,
+    epsilon1=1e-16,
+    epsilon2=1e-3,
 ):
     g, w = _a(g), _a(w)
     t = step + 1
@@ -182,8 +208,15 @@ def _sm3_accumulate(vs, g, beta2, c):
 
 
 def sm3_step(
-    step, g, w, slots, learning_rate=0.01, momentum=0.9,
-    second_moment_averaging=1.0, weight_decay=0.0, momentum_type=1,
+    step,
+    g,
+    w,
+    slots,
+    learning_rate=0.01,
+    momentum=0.9,
+    second_moment_averaging=1.0,
+    weight_decay=0.0,
+    momentum_type=1,
 ):
     g, w = np.atleast_1d(_a(g)), np.atleast_1d(_a(w))
     m, v1s, v2s = slots

@@ -37,7 +37,10 @@ def test_matches_float64_reference(cls, kwargs, case_id, start_step):
     assert_tree_close(delta, delta_ref, RTOL_DELTA, 1e-6, what=f"{case_id} update")
     # Same layout (the treedef of a tuple of per-leaf slots) and values.
     assert_tree_close(
-        tuple(slots), tuple(_to_layout(slots_ref)), RTOL_SLOTS, 1e-7,
+        tuple(slots),
+        tuple(_to_layout(slots_ref)),
+        RTOL_SLOTS,
+        1e-7,
         what=f"{case_id} slots",
     )
     for leaf, s in zip(weights, slots, strict=True):
