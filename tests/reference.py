@@ -147,8 +147,8 @@ def adafactor_step(
         for idx in np.ndindex(*g.shape):
             lead, i, j = idx[:-2], idx[-2], idx[-1]
             row_mean = _mean(v_row[lead])
-            row = np.sqrt(row_mean / (v_row[lead + (i,)] + epsilon1))
-            col = (v_col[lead + (j,)] + epsilon1) ** -0.5
+            row = np.sqrt(row_mean / (v_row[(*lead, i)] + epsilon1))
+            col = (v_col[(*lead, j)] + epsilon1) ** -0.5
             y[idx] = g[idx] * row * col
         new = [v_row, v_col]
     else:

@@ -6,11 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import reference
-from cases import CASES, IDS
 
 import treeopt
 from treeopt import base
+
+import reference
+from cases import CASES, IDS
 
 # ------------------------------------------------------ the seed's behaviour
 
@@ -19,7 +20,7 @@ def test_slots_none_before_tree_init_and_tuple_after():
     opt = treeopt.Adam()
     assert opt.slots is None
     weights = {"b": jnp.ones(3), "a": [jnp.ones((2, 2)), jnp.zeros(())]}
-    slots, opt_params = opt.tree_init(weights)
+    slots, _ = opt.tree_init(weights)
     assert isinstance(slots, tuple) and len(slots) == 3
     assert opt.slots is slots
     # Flatten order: dict keys sorted, so 'a'[0], 'a'[1], 'b'.

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+
 import reference
 from cases import CASES
 from helpers import (
