@@ -1,0 +1,111 @@
+"""treeopt optimizers as optax gradient transformations (needs the optax extra)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.typing import ArrayLike
+
+from treeopt import base, guard
+
+
+class TreeoptState(NamedTuple):
+    """State of ``to_optax(optimizer)``.
+
+    Attributes:
+      count: int32, the ``step`` handed to the next treeopt update (from 0); it
+        counts applied steps only, so a step skipped by ``SkipNonFinite`` does
+        not advance it.
+      slots: the tuple from ``optimizer.tree_init``, one entry per leaf.
+      opt_params: ``name -> 0-d array``; replace a value (for instance with
+        ``optax.tree_utils.tree_set(state, learning_rate=...)``) to change a
+        hyperparameter between steps without recompiling.
+      skipped: int32, how many steps ``SkipNonFinite`` skipped for non-finite
+        gradients (always 0 for an unguarded optimizer).
+    """
+
+    count: jax.Array
+    slots: tuple
+    opt_params: base.OptParams
+    skipped: jax.Array
+
+
+def _delta(new: jax.Array, old: ArrayLike) -> jax.Array:
+    """``u`` such that ``old + u`` rounds to exactly ``new`` where one exists.
+
+    ``new - old`` is exact when the two are within a factor 2 (Sterbenz); when it
+    rounds, ``old + u`` can miss ``new`` by one ulp, and the neighbour of ``u``
+    one ulp toward the miss is tried instead.
+    """
+    old = jnp.asarray(old)
+    new = new.astype(old.dtype)
+    u = new - old
+    miss = old + u
+    toward = jnp.where(miss < new, jnp.inf, -jnp.inf).astype(u.dtype)
+    u_next = jnp.nextafter(u, toward)
+    return jnp.where((miss != new) & (old + u_next == new), u_next, u)
+
+
+def to_optax(
+    optimizer: base.Optimizer,
+    learning_rate: Callable[[jax.Array], ArrayLike] | None = None,
+) -> optax.GradientTransformation:
+    """Wraps a treeopt optimizer as an ``optax.GradientTransformation``.
+
+    ``update(grads, state, params)`` runs ``optimizer.tree_update`` (treeopt's
+    exact math, global-norm clipping included) and returns the updates
+    ``new_weights - params``, chosen so that ``optax.apply_updates(params,
+    updates)`` gives treeopt's new weights bit for bit wherever float arithmetic
+    allows. ``params`` is required. The state is a ``TreeoptState``.
+
+    Args:
+      optimizer: any ``treeopt.Optimizer``; wrap it in
+        ``treeopt.SkipNonFinite`` to skip steps with NaN/Inf gradients.
+      learning_rate: optional schedule ``count -> learning rate``; if given, it
+        overwrites ``opt_params['learning_rate']`` in the state before each step.
+    """
+    if not isinstance(optimizer, base.Optimizer):
+        raise TypeError(
+            f"to_optax expects a treeopt.Optimizer, got {type(optimizer).__name__}"
+        )
+    guarded = isinstance(optimizer, guard.SkipNonFinite)
+
+    def init(params: optax.Params) -> TreeoptState:
+        slots, opt_params = optimizer.tree_init(params, store_slots=False)
+        zero = jnp.zeros((), jnp.int32)
+        return TreeoptState(zero, slots, opt_params, zero)
+
+    def update(
+        updates: optax.Updates,
+        state: TreeoptState,
+        params: optax.Params | None = None,
+    ) -> tuple[optax.Updates, TreeoptState]:
+        if params is None:
+            raise ValueError(
+                "to_optax(...).update needs params: treeopt computes new weights "
+                "from the current ones (weight decay, Adafactor's parameter scale); "
+                "call update(grads, state, params)"
+            )
+        opt_params = state.opt_params
+        if learning_rate is not None:
+            lr = jnp.asarray(learning_rate(state.count), jnp.float32)
+            opt_params = {**opt_params, "learning_rate": lr}
+        new_weights, slots, *metrics = optimizer.tree_update(
+            state.count,
+            updates,
+            params,
+            state.slots,
+            opt_params,
+            store_slots=False,
+            with_metrics=guarded,
+        )
+        skip = metrics[0][guard.SKIPPED] if guarded else jnp.zeros((), jnp.int32)
+        new_updates = jax.tree.map(_delta, new_weights, params)
+        count = state.count + 1 - skip
+        return new_updates, TreeoptState(count, slots, opt_params, state.skipped + skip)
+
+    return optax.GradientTransformation(init, update)
