@@ -6,6 +6,7 @@ from treeopt.base import SGD as SGD
 from treeopt.base import Optimizer as Optimizer
 from treeopt.base import clip_grads as clip_grads
 from treeopt.base import l2_norm as l2_norm
+from treeopt.guard import SkipNonFinite as SkipNonFinite
 from treeopt.momentum import Momentum as Momentum
 from treeopt.rms_prop import RMSProp as RMSProp
 from treeopt.sm3 import SM3 as SM3
@@ -23,6 +24,7 @@ __all__ = [
     "MomentumType",
     "Optimizer",
     "RMSProp",
+    "SkipNonFinite",
     "Trainer",
     "clip_grads",
     "l2_norm",
