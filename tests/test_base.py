@@ -1,6 +1,7 @@
 """Tree plumbing: slots layout, store_slots, metrics, clipping, errors."""
 
 import collections
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -291,3 +292,45 @@ def test_clip_grads_rejects_non_positive_max_norm():
 def test_reference_global_norm_matches():
     leaves = [np.arange(3.0), np.ones((2, 2))]
     np.testing.assert_allclose(base.l2_norm(leaves), reference.global_norm(leaves))
+
+
+# ------------------------------------------------ dataclasses, weak typing
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Dense:
+    kernel: jax.Array
+    bias: jax.Array
+
+
+def test_registered_dataclass_weights():
+    w = Dense(jnp.ones((2, 3)), jnp.zeros(3))
+    opt = treeopt.SGD(learning_rate=0.5)
+    slots, p = opt.tree_init(w)
+    new, _ = opt.tree_update(0, Dense(jnp.ones((2, 3)), jnp.ones(3)), w, slots, p)
+    assert isinstance(new, Dense)
+    np.testing.assert_allclose(new.bias, -0.5 * np.ones(3))
+
+
+@pytest.mark.parametrize("promotion", ["standard", "strict"])
+@pytest.mark.parametrize(("cls", "kwargs", "case_id"), CASES, ids=IDS)
+def test_restored_float64_opt_params_do_not_change_dtypes_or_values(
+    cls, kwargs, case_id, promotion
+):
+    # opt_params that went through NumPy (a checkpoint) are float64 and not weakly
+    # typed: results must keep the weights' dtype and equal the fresh run.
+    opt = cls(**kwargs)
+    w = [jnp.ones((3, 2), jnp.bfloat16), jnp.ones(4, jnp.float32)]
+    g = [jnp.full((3, 2), 0.25, jnp.bfloat16), jnp.full(4, -0.5, jnp.float32)]
+    slots, p = opt.tree_init(w, store_slots=False)
+    restored = {k: np.asarray(v, np.float64) for k, v in p.items()}
+    with jax.numpy_dtype_promotion(promotion):
+        a, sa = opt.tree_update(1, g, w, slots, p, store_slots=False)
+        b, sb = opt.tree_update(1, g, w, slots, restored, store_slots=False)
+    assert [x.dtype for x in b] == [jnp.bfloat16, jnp.float32]
+    for x, y in zip(jax.tree.leaves((a, sa)), jax.tree.leaves((b, sb)), strict=True):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(
+            np.asarray(x, np.float32), np.asarray(y, np.float32)
+        )

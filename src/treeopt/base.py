@@ -76,8 +76,13 @@ def check_unit_interval(name: str, value: Any) -> None:
 
 
 def compute_dtype(x: jax.Array) -> jnp.dtype:
-    """float32 for bfloat16/float16/float32 leaves, float64 for float64 leaves."""
-    return jnp.promote_types(x.dtype, jnp.float32)
+    """float32 for bfloat16/float16/float32 leaves, float64 for float64 leaves.
+
+    Spelled out rather than ``promote_types`` so that it also holds under
+    ``jax_numpy_dtype_promotion='strict'``.
+    """
+    dtype = jnp.dtype(x.dtype)
+    return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
 def upcast(weights: jax.Array, *xs: jax.Array) -> tuple[jax.Array, ...]:
@@ -180,12 +185,11 @@ def l2_norm(tree: PyTree) -> jax.Array:
 
     Accumulates in float32 at least, whatever the leaves' dtype; 0 for no leaves.
     """
-    sums = [
-        jnp.sum(jnp.square(jnp.asarray(x).astype(compute_dtype(jnp.asarray(x)))))
-        for x in jax.tree.leaves(tree)
-    ]
-    if not sums:
+    leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
+    if not leaves:
         return jnp.zeros((), jnp.float32)
+    dtype = max((compute_dtype(x) for x in leaves), key=lambda d: d.itemsize)
+    sums = [jnp.sum(jnp.square(x.astype(dtype))) for x in leaves]
     return jnp.sqrt(sum(sums[1:], sums[0]))
 
 
