@@ -1,0 +1,140 @@
+"""Runs the sharded cases on 8 virtual CPU devices and writes what it saw.
+
+Started by ``test_sharding.py`` in a subprocess, because the device count must be
+set before JAX initializes. For every optimizer configuration and every (mesh,
+layout) in ``sharding_cases.COMBOS`` it creates slots with
+``treeopt.sharding.tree_init``, runs ``STEPS`` jitted ``tree_update`` calls with
+in/out shardings from ``slot_shardings``, and records the results, the shardings
+of the returned arrays and the collectives in the compiled HLO. It also runs the
+same steps on one device, and measures per-device bytes under FSDP sharding.
+Usage: ``python sharding_worker.py OUT_DIR``.
+"""
+
+import os
+import sys
+
+# The backend optimization level only shortens the ~100 compilations (the SPMD
+# partitioning, whose collectives are checked, runs at every level).
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+)
+
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+import sharding_cases as sc
+from treeopt import sharding
+
+COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "all-reduce")
+
+
+def spec_of(x):
+    """The array's PartitionSpec padded to its rank, as JSON-friendly lists."""
+    spec = tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
+    return [list(e) if isinstance(e, tuple) else e for e in spec]
+
+
+def mesh_for(combo):
+    types = (jax.sharding.AxisType[combo["axis_type"]],) * len(combo["axes"])
+    return jax.make_mesh(combo["shape"], combo["axes"], axis_types=types)
+
+
+def weight_shardings(mesh, layout):
+    return {k: NamedSharding(mesh, PartitionSpec(*v)) for k, v in layout.items()}
+
+
+def step_fn(opt):
+    def fn(step, g, w, s, p):
+        return opt.tree_update(step, g, w, s, p, store_slots=False)
+
+    return fn
+
+
+def run_case(opt, combo, weights, grads):
+    mesh = mesh_for(combo)
+    w_sh = weight_shardings(mesh, combo["layout"])
+    s_sh = sharding.slot_shardings(opt, w_sh)
+    w = jax.device_put(weights, w_sh)
+    slots, params = sharding.tree_init(opt, w)
+    init_specs = [spec_of(x) for x in jax.tree.leaves(slots)]
+    update = jax.jit(
+        step_fn(opt),
+        in_shardings=(None, w_sh, w_sh, s_sh, None),
+        out_shardings=(w_sh, s_sh),
+    )
+    gs = [jax.device_put(g, w_sh) for g in grads]
+    compiled = update.lower(jnp.asarray(0), gs[0], w, slots, params).compile()
+    hlo = compiled.as_text()
+    for k, g in enumerate(gs):
+        w, slots = compiled(jnp.asarray(k), g, w, slots, params)
+    return {
+        "weight_specs": {k: spec_of(x) for k, x in w.items()},
+        "slot_specs": [spec_of(x) for x in jax.tree.leaves(slots)],
+        "init_specs": init_specs,
+        "rule_specs": [
+            [list(e) if isinstance(e, tuple) else e for e in s.spec]
+            for s in jax.tree.leaves(s_sh)
+        ],
+        "collectives": sorted(
+            {c for c in COLLECTIVES if re.search(c + r"[(.\s-]", hlo)}
+        ),
+        "arrays": [np.asarray(x) for x in jax.tree.leaves((w, slots))],
+    }
+
+
+def run_single(opt, weights, grads):
+    slots, params = opt.tree_init(weights, store_slots=False)
+    update = jax.jit(step_fn(opt))
+    w = weights
+    for k, g in enumerate(grads):
+        w, slots = update(jnp.asarray(k), g, w, slots, params)
+    return [np.asarray(x) for x in jax.tree.leaves((w, slots))]
+
+
+def memory_table():
+    """Bytes per device of weights and slots, FSDP-sharded over 1, 2, 4, 8."""
+    weights = {k: np.ones(s, np.float32) for k, s in sc.MEMORY_MODEL.items()}
+    rows = []
+    for n in (1, 2, 4, 8):
+        mesh = jax.make_mesh((n,), ("fsdp",), devices=jax.devices()[:n])
+        rule = sharding.fsdp(mesh, "fsdp")
+        w_sh = {k: NamedSharding(mesh, rule((k,), x)) for k, x in weights.items()}
+        w = jax.device_put(weights, w_sh)
+        row = {"n": n, "weights": sharding.bytes_per_device(w)}
+        for name, cls, kwargs in sc.MEMORY_OPTIMIZERS:
+            slots, _ = sharding.tree_init(cls(**kwargs), w)
+            row[name] = sharding.bytes_per_device(slots)
+        rows.append({k: v if k == "n" else sorted(v.values()) for k, v in row.items()})
+    return rows
+
+
+def main(out_dir):
+    weights = {k: v for k, v in zip(sc.SHAPES, sc.leaves(0), strict=True)}
+    grads = [
+        {k: v for k, v in zip(sc.SHAPES, sc.leaves(s), strict=True)}
+        for s in range(1, sc.STEPS + 1)
+    ]
+    summary, arrays = {}, {}
+    for cls, kwargs, case_id in sc.OPTIMIZERS:
+        arrays[f"{case_id}/single"] = run_single(cls(**kwargs), weights, grads)
+        for combo_id, combo in sc.COMBOS.items():
+            rec = run_case(cls(**kwargs), combo, weights, grads)
+            arrays[f"{case_id}/{combo_id}"] = rec.pop("arrays")
+            summary[f"{case_id}/{combo_id}"] = rec
+    summary["memory"] = memory_table()
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f)
+    np.savez(
+        os.path.join(out_dir, "arrays.npz"),
+        **{f"{k}/{i}": a for k, v in arrays.items() for i, a in enumerate(v)},
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,238 @@
+"""Sharded slots follow their weights; sharded steps equal one-device steps.
+
+The cases run on 8 virtual CPU devices in one subprocess (``sharding_worker.py``;
+the device count must be set before JAX starts); this module checks what it
+recorded against the slot layout of SPEC section 3 and against the same steps
+on one device. The API's error paths run here, on one device.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import sharding_cases as sc
+import treeopt
+from treeopt import sharding
+
+from helpers import ATOL_F32, RTOL_SLOTS
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KEYS = [f"{i}/{c}" for _, _, i in sc.OPTIMIZERS for c in sc.COMBOS]
+OPT_OF = {i: (cls, kw) for cls, kw, i in sc.OPTIMIZERS}
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    """Runs every sharded case once; returns (summary dict, arrays npz)."""
+    out = tmp_path_factory.mktemp("sharded")
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    try:
+        proc = subprocess.run(
+            [sys.executable, os.path.join(HERE, "sharding_worker.py"), str(out)],
+            env=env,
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"sharding_worker.py timed out:\n{e.stderr}")
+    if proc.returncode != 0:
+        pytest.fail(f"sharding_worker.py failed:\n{proc.stderr[-4000:]}")
+    with open(out / "summary.json") as f:
+        summary = json.load(f)
+    return summary, np.load(out / "arrays.npz")
+
+
+def _full(spec):
+    """A spec as JSON would carry it: tuples of mesh axes as lists."""
+    return [list(e) if isinstance(e, tuple) else e for e in spec]
+
+
+def expected_slot_specs(opt, spec):
+    """SPEC section 3's slot layout, leaf by leaf in flatten order, with each
+    slot leaf taking the weight's spec entries of the axes it keeps."""
+    spec = _full(spec)
+    if isinstance(opt, treeopt.SGD):
+        return []
+    if isinstance(opt, treeopt.Adam):
+        return [spec, spec]
+    if isinstance(opt, treeopt.Momentum | treeopt.RMSProp):
+        return [spec]
+    if isinstance(opt, treeopt.Adafactor):
+        if opt.factored and len(spec) >= 2:
+            stats = [spec[:-1], spec[:-2] + spec[-1:]]
+        else:
+            stats = [spec]
+        return stats + ([spec] if opt.do_momentum else [])
+    assert isinstance(opt, treeopt.SM3)
+    per_axis = [[e] for e in spec] or [[]]
+    m = [spec] if opt.has_momentum else []
+    return m + per_axis + (per_axis if opt.graft else [])
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_slots_follow_weights(worker, key):
+    summary, _ = worker
+    case_id, combo_id = key.split("/")
+    cls, kwargs = OPT_OF[case_id]
+    layout = sc.COMBOS[combo_id]["layout"]
+    assert list(layout) == sorted(layout)  # the order jax.tree flattens a dict
+    want = [s for k in layout for s in expected_slot_specs(cls(**kwargs), layout[k])]
+    rec = summary[key]
+    assert rec["rule_specs"] == want, "slot_shardings"
+    assert rec["init_specs"] == want, "sharding.tree_init"
+    assert rec["slot_specs"] == want, "slots returned by the jitted tree_update"
+    assert rec["weight_specs"] == {k: _full(v) for k, v in layout.items()}
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_no_weight_or_slot_moves(worker, key):
+    """Only reductions communicate: no all-gather, all-to-all or permute."""
+    assert set(worker[0][key]["collectives"]) <= {"all-reduce"}
+
+
+@pytest.mark.parametrize("case_id", ["adam", "momentum-nesterov"])
+def test_elementwise_optimizers_do_not_communicate(worker, case_id):
+    for combo_id in sc.COMBOS:
+        assert worker[0][f"{case_id}/{combo_id}"]["collectives"] == []
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_sharded_equals_one_device(worker, key):
+    _, arrays = worker
+    case_id = key.split("/")[0]
+    n = len([k for k in arrays.files if k.startswith(f"{case_id}/single/")])
+    assert n >= len(sc.SHAPES)
+    for i in range(n):
+        np.testing.assert_allclose(
+            arrays[f"{key}/{i}"],
+            arrays[f"{case_id}/single/{i}"],
+            rtol=RTOL_SLOTS,
+            atol=ATOL_F32,
+            err_msg=f"{key} leaf {i} (weights first, then slots)",
+        )
+
+
+def test_memory_per_device_falls_as_one_over_n(worker):
+    rows = worker[0]["memory"]
+    total_w = 4 * sum(int(np.prod(s)) for s in sc.MEMORY_MODEL.values())
+    print(f"\n{'devices':>7} {'weights':>10} " + " ".join(f"{n:>10}" for n in rows[0]))
+    for row in rows:
+        n = row["n"]
+        assert len(row["weights"]) == n
+        # Every leaf shards evenly, so each device holds exactly 1/n.
+        assert row["weights"] == [total_w // n] * n
+        assert row["Adam"] == [2 * total_w // n] * n
+        # SM3's m is 1/n; its per-axis vectors are sharded on the axis FSDP
+        # split and replicated on the others.
+        assert 1 / n <= row["SM3"][0] / rows[0]["SM3"][0] < 1 / n + 0.01
+        assert len(set(row["Adafactor"])) == 1
+    factored = [r["Adafactor"][0] for r in rows]
+    assert factored == sorted(factored, reverse=True) and factored[-1] < factored[0]
+
+
+# ------------------------------------------------------------- one device
+
+
+def _mesh():
+    return jax.make_mesh((1,), ("x",))
+
+
+def test_square_weight_rows_and_columns_are_told_apart():
+    mesh = _mesh()
+    w = jax.ShapeDtypeStruct((4, 4), jnp.float32, sharding=NamedSharding(mesh, P("x")))
+    got = sharding.slot_shardings(treeopt.Adafactor(do_momentum=True), [w])
+    assert [s.spec for s in got[0]] == [P("x"), P(None), P("x", None)]
+    got = sharding.slot_shardings(treeopt.SM3(), {"w": w})
+    m, v1s, v2s = got[0]
+    assert (m.spec, [s.spec for s in v1s], v2s) == (P("x", None), [P("x"), P(None)], [])
+
+
+def test_shardings_alone_equal_arrays():
+    mesh = _mesh()
+    weights = {"a": jnp.ones((3, 5)), "b": jnp.ones((2,))}
+    sh = {"a": NamedSharding(mesh, P(None, "x")), "b": NamedSharding(mesh, P("x"))}
+    placed = jax.device_put(weights, sh)
+    for opt in (treeopt.Adafactor(), treeopt.SM3(), treeopt.SGD()):
+        assert sharding.slot_shardings(opt, sh) == sharding.slot_shardings(opt, placed)
+
+
+def test_tree_init_matches_plain_tree_init():
+    mesh = _mesh()
+    weights = {"a": jnp.arange(6.0).reshape(2, 3), "s": jnp.asarray(2.0)}
+    placed = jax.device_put(weights, NamedSharding(mesh, P()))
+    opt = treeopt.RMSProp()
+    slots, params = sharding.tree_init(opt, placed)
+    want, want_params = opt.tree_init(weights, store_slots=False)
+    assert jax.tree.structure(slots) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(slots), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert params.keys() == want_params.keys()
+
+
+class _FactorsLargeOnly(treeopt.Adafactor):
+    """Factors only leaves whose dims are all >= 128 (like optax's min_dim)."""
+
+    def _is_factored(self, w):
+        return super()._is_factored(w) and min(w.shape) >= 128
+
+
+@pytest.mark.parametrize(
+    "opt, leaf, error, match",
+    [
+        (treeopt.Adam(), np.ones(3), TypeError, "without a sharding"),
+        (treeopt.Adam(), 1.0, TypeError, "without a sharding"),
+        (
+            treeopt.Adam(),
+            jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+            TypeError,
+            "NamedSharding",
+        ),
+        (
+            treeopt.Adam(),
+            jax.ShapeDtypeStruct((4, 4), jnp.float32, sharding=None),
+            TypeError,
+            "without a sharding",
+        ),
+    ],
+)
+def test_bad_input(opt, leaf, error, match):
+    with pytest.raises(error, match=match):
+        sharding.slot_shardings(opt, {"w": leaf})
+
+
+def test_layout_that_depends_on_sizes_is_refused():
+    sh = NamedSharding(_mesh(), P("x"))
+    w = jax.ShapeDtypeStruct((4, 4), jnp.float32, sharding=sh)
+    with pytest.raises(ValueError, match=r"\['w'\].*cannot tell"):
+        sharding.slot_shardings(_FactorsLargeOnly(), {"w": w})
+    # With distinct sizes the real shape itself is the probe: no ambiguity.
+    w = jax.ShapeDtypeStruct((4, 6), jnp.float32, sharding=sh)
+    assert len(sharding.slot_shardings(_FactorsLargeOnly(), {"w": w})[0]) == 1
+
+
+@pytest.mark.parametrize(
+    "shape, spec",
+    [((16, 3), P("x")), ((3, 16), P(None, "x")), ((8, 16), P(None, "x")), ((3,), P())],
+)
+def test_fsdp_rule_picks_the_largest_divisible_axis(shape, spec):
+    # A 4-way mesh described abstractly (this process has one device).
+    mesh = jax.sharding.AbstractMesh((4,), ("x",))
+    assert sharding.fsdp(mesh, "x")((), np.zeros(shape)) == spec
+
+
+def test_bytes_per_device():
+    x = jnp.ones((4, 8), jnp.float32)
+    y = jnp.ones((3,), jnp.bfloat16)
+    assert sharding.bytes_per_device({"x": x, "y": y}) == {
+        jax.devices()[0]: 4 * 8 * 4 + 3 * 2
+    }
