@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from treeopt import base
@@ -171,3 +172,151 @@ def bytes_per_device(tree: PyTree) -> dict[Any, int]:
         for shard in x.addressable_shards:
             held[shard.device] += shard.data.nbytes
     return dict(held)
+
+
+def put_global(tree: PyTree, shardings: PyTree) -> PyTree:
+    """Copies ``tree``, a value every process holds whole (the same on each),
+    into global arrays laid out by ``shardings`` (a matching tree)."""
+
+    def put(x: Any, s: Sharding) -> jax.Array:
+        if jax.process_count() == 1:
+            return jax.device_put(x, s, may_alias=False)
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+class DataParallel:
+    """Where a data-parallel training step keeps its arrays on ``mesh``.
+
+    The batch is split along its leading axis over the mesh axis ``data_axis``
+    (each process passes its own rows), the weights are laid out by ``rule``
+    (replicated when None; ``fsdp(mesh, data_axis)`` shards them too), the
+    slots follow the weights (``slot_shardings``) and the hyperparameters are
+    replicated. The same code runs in one process and in several started with
+    ``jax.distributed.initialize``.
+    """
+
+    def __init__(
+        self,
+        mesh: jax.sharding.Mesh,
+        optimizer: base.Optimizer,
+        weights: PyTree,
+        data_axis: str | tuple[str, ...] = "data",
+        rule: Callable[[Any, Any], PartitionSpec] | None = None,
+    ) -> None:
+        """Derives every sharding from the mesh, the weights and the rule.
+
+        Args:
+          mesh: a ``jax.sharding.Mesh`` (explicit or auto axes).
+          optimizer: the optimizer whose slots are laid out.
+          weights: the weight tree (only shapes and dtypes are read).
+          data_axis: the mesh axis (or axes) the batch is split over.
+          rule: ``(path, leaf) -> PartitionSpec`` for each weight; None
+            replicates every weight.
+        """
+        names = (data_axis,) if isinstance(data_axis, str) else tuple(data_axis)
+        missing = [a for a in names if a not in mesh.axis_names]
+        if missing:
+            raise ValueError(
+                f"data_axis {data_axis!r} is not an axis of the mesh, whose axes "
+                f"are {mesh.axis_names}"
+            )
+        self.mesh = mesh
+        self.data_axis = data_axis
+        self.data_size = int(np.prod([mesh.shape[a] for a in names]))
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        self.batch = NamedSharding(mesh, PartitionSpec(data_axis))
+        self.weights = jax.tree.map_with_path(
+            lambda p, x: NamedSharding(mesh, rule(p, x) if rule else PartitionSpec()),
+            weights,
+        )
+        shapes = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(
+                np.shape(x), np.result_type(x), sharding=s
+            ),
+            weights,
+            self.weights,
+        )
+        self.slots = slot_shardings(optimizer, shapes)
+
+    def init(
+        self, optimizer: base.Optimizer, weights: PyTree
+    ) -> tuple[PyTree, tuple, base.OptParams]:
+        """``(weights, slots, opt_params)`` as global arrays in this layout;
+        the weights are copied."""
+        weights = put_global(weights, self.weights)
+        slots, opt_params = tree_init(optimizer, weights)
+        rep = {k: self.replicated for k in opt_params}
+        return weights, slots, put_global(opt_params, rep)
+
+    def put_batch(self, batch: PyTree) -> PyTree:
+        """This process's rows of the batch as global arrays split over the data
+        axis (a leaf that already is a global array is kept as it is)."""
+
+        def put(path: Any, x: Any) -> jax.Array:
+            if isinstance(x, jax.Array) and not x.is_fully_addressable:
+                return x
+            if np.ndim(x) == 0:
+                return put_global(x, self.replicated)
+            rows = np.shape(x)[0] * jax.process_count()
+            if rows % self.data_size:
+                raise ValueError(
+                    f"batch leaf at {_where(path)} has {rows} rows in all, not "
+                    f"divisible by the {self.data_size} devices of data axis "
+                    f"{self.data_axis!r}"
+                )
+            if jax.process_count() == 1:
+                return jax.device_put(x, self.batch)
+            return jax.make_array_from_process_local_data(self.batch, np.asarray(x))
+
+        return jax.tree.map_with_path(put, batch)
+
+    def gathered(self, loss_fn: Callable) -> Callable:
+        """``loss_fn`` called with each weight gathered over the data axis (kept
+        sharded over any other mesh axis), as FSDP computes; its gradient
+        arrives back in the weights' own layout. Meshes with explicit axes need
+        this (a matmul of two operands sharded on the same axis is an error);
+        on auto axes it fixes what XLA would otherwise choose."""
+        names = (
+            {self.data_axis} if isinstance(self.data_axis, str) else set(self.data_axis)
+        )
+
+        def without_data(e: Any) -> Any:
+            kept = tuple(
+                a for a in (e if isinstance(e, tuple) else (e,)) if a not in names
+            )
+            return kept if len(kept) > 1 else (kept[0] if kept else None)
+
+        compute = jax.tree.map(
+            lambda s: NamedSharding(
+                self.mesh, PartitionSpec(*map(without_data, s.spec))
+            ),
+            self.weights,
+        )
+
+        def fn(weights: PyTree, *args: Any) -> Any:
+            return loss_fn(jax.tree.map(_pin, weights, compute), *args)
+
+        return fn
+
+    def constrain(self, weights: PyTree, slots: tuple) -> tuple[PyTree, tuple]:
+        """Pins updated weights and slots to this layout (inside ``jax.jit``)."""
+        return jax.tree.map(_pin, (weights, slots), (self.weights, self.slots))
+
+
+def _pin(x: jax.Array, s: NamedSharding) -> jax.Array:
+    """``x`` laid out as ``s`` inside ``jax.jit``: ``reshard`` on explicit mesh
+    axes, ``with_sharding_constraint`` on auto ones."""
+    types = dict(zip(s.mesh.axis_names, s.mesh.axis_types, strict=True))
+    named = [
+        a
+        for e in s.spec
+        if e is not None
+        for a in (e if isinstance(e, tuple) else (e,))
+    ]
+    auto = jax.sharding.AxisType.Auto
+    if any(types[a] == auto for a in named) or all(t == auto for t in types.values()):
+        return jax.lax.with_sharding_constraint(x, s)
+    return jax.sharding.reshard(x, s)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from treeopt import base
+from treeopt import base, sharding
 
 LossFn = Callable[[base.PyTree, Any, jax.Array], Any]
 
@@ -57,6 +57,9 @@ class Trainer:
         schedule: Callable[[ArrayLike], jax.Array] | None = None,
         *,
         first_step: int = 0,
+        mesh: jax.sharding.Mesh | None = None,
+        data_axis: str | tuple[str, ...] = "data",
+        sharding_rule: Callable[[Any, Any], jax.sharding.PartitionSpec] | None = None,
     ) -> None:
         """Creates the slots and compiles nothing yet.
 
@@ -71,16 +74,33 @@ class Trainer:
             ``optimizer.opt_params['learning_rate']``.
           first_step: the step number of the first update, an integer >= 0
             (1 reproduces Trax's training loop).
+          mesh: train data-parallel on this ``jax.sharding.Mesh``: each batch
+            leaf is split along its leading axis over ``data_axis`` (in several
+            processes, each passes its own rows); None: one device.
+          data_axis: the mesh axis (or axes) the batch is split over.
+          sharding_rule: ``(path, leaf) -> PartitionSpec`` laying out each
+            weight on ``mesh`` (e.g. ``treeopt.sharding.fsdp(mesh, "data")``);
+            None replicates the weights. Slots follow their weights.
         """
         if isinstance(first_step, bool) or not isinstance(first_step, int):
             raise TypeError(f"first_step must be an int, got {first_step!r}")
         base.check_nonnegative("first_step", first_step)
         self.optimizer = optimizer
         self.schedule = schedule
-        self.weights = jax.tree.map(jnp.array, weights)
-        self.slots, self.opt_params = optimizer.tree_init(
-            self.weights, store_slots=False
-        )
+        self._layout = None
+        if mesh is None:
+            self.weights = jax.tree.map(jnp.array, weights)
+            self.slots, self.opt_params = optimizer.tree_init(
+                self.weights, store_slots=False
+            )
+        else:
+            self._layout = sharding.DataParallel(
+                mesh, optimizer, weights, data_axis, sharding_rule
+            )
+            self.weights, self.slots, self.opt_params = self._layout.init(
+                optimizer, weights
+            )
+            loss_fn = self._layout.gathered(loss_fn)
         self.step = first_step
         self._loss_and_aux = _loss_and_aux(loss_fn)
         self._jit_step = jax.jit(self._train_step, donate_argnums=(0, 1))
@@ -113,6 +133,8 @@ class Trainer:
             store_slots=False,
             with_metrics=True,
         )
+        if self._layout is not None:
+            weights, slots = self._layout.constrain(weights, slots)
         metrics = {
             "loss": loss,
             **metrics,
@@ -140,6 +162,8 @@ class Trainer:
         """
         step = self.step if step is None else step
         lr = None if learning_rate is None else jnp.asarray(learning_rate, jnp.float32)
+        if self._layout is not None:
+            batch = self._layout.put_batch(batch)
         self.weights, self.slots, self.opt_params, metrics = self._jit_step(
             self.weights,
             self.slots,
