@@ -1,0 +1,141 @@
+"""The ``treeopt`` command line (also ``python -m treeopt``).
+
+Each subcommand is a function ``_add_<name>(subparsers)`` that declares its
+arguments and sets ``func``, a callable taking the parsed arguments. A
+subcommand reports bad input by raising ``UsageError``: ``main`` prints it as
+one line on stderr and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """Bad input to a subcommand; its message is shown as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (exit status 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer, got {text!r}"
+        ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _optimizer_names(text: str) -> tuple[str, ...]:
+    from treeopt.demo import OPTIMIZERS
+
+    names = tuple(n.strip().lower() for n in text.split(",") if n.strip())
+    for name in names:
+        if name not in OPTIMIZERS:
+            raise argparse.ArgumentTypeError(
+                f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}"
+            )
+    if not names:
+        raise argparse.ArgumentTypeError("no optimizer given")
+    return names
+
+
+def _add_demo(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="train a small character Transformer with every optimizer",
+        description=(
+            "Trains the same small decoder-only Transformer character model with "
+            "each optimizer (same weights, batches and warmup+cosine schedule), "
+            "then prints a table of losses in bits per character, step times and "
+            "optimizer-state sizes, writes curves.csv, results.json and demo.png "
+            "into --out, and prints a text sample from the best model."
+        ),
+    )
+    p.add_argument(
+        "--optimizers",
+        type=_optimizer_names,
+        default=None,
+        help="comma-separated subset of sgd,momentum,rmsprop,adam,adafactor,sm3 "
+        "(default: all)",
+    )
+    p.add_argument(
+        "--steps", type=_positive_int, default=300, help="steps per optimizer"
+    )
+    p.add_argument("--seed", type=int, default=0, help="weights, batches, sample")
+    p.add_argument("--out", type=Path, default=Path("treeopt-demo"), help="output dir")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="UTF-8 text file to train on (default: the Python standard "
+        "library's own source files)",
+    )
+    p.add_argument("--context", type=_positive_int, default=64, help="characters")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--d-model", type=_positive_int, default=96, help="model width")
+    p.add_argument("--layers", type=_positive_int, default=2)
+    p.add_argument("--heads", type=_positive_int, default=4)
+    p.add_argument(
+        "--evals", type=_positive_int, default=10, help="validation points per run"
+    )
+    p.add_argument(
+        "--sample-chars", type=_positive_int, default=240, help="sample length"
+    )
+    p.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from treeopt import demo
+
+    names = args.optimizers or tuple(demo.OPTIMIZERS)
+    demo.run(
+        demo.Config(
+            optimizers=names,
+            steps=args.steps,
+            seed=args.seed,
+            out=args.out,
+            data=args.data,
+            context=args.context,
+            batch_size=args.batch_size,
+            d_model=args.d_model,
+            layers=args.layers,
+            heads=args.heads,
+            evals=min(args.evals, args.steps),
+            sample_chars=args.sample_chars,
+        )
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs ``treeopt`` with ``argv`` (default: ``sys.argv[1:]``); returns the
+    exit status."""
+    parser = _Parser(
+        prog="treeopt",
+        description="treeopt: the Trax optimizers for current JAX.",
+    )
+    subparsers = parser.add_subparsers(
+        dest="command", required=True, parser_class=_Parser
+    )
+    _add_demo(subparsers)
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UsageError as e:
+        print(f"treeopt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"treeopt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
