@@ -4,7 +4,9 @@ Importing this module does not touch JAX's devices, so the test process (one
 CPU device) and the worker (8 virtual devices) read the same table.
 """
 
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 import treeopt
 
@@ -26,6 +28,7 @@ SHAPES = {
 # (mesh shape, axis names, axis type, one PartitionSpec per leaf), with each
 # leaf's spec given in full (one entry per axis). Explicit is jax.make_mesh's
 # default in JAX 0.10 (sharding in types); Auto leaves propagation to XLA.
+_DATA8 = {"shape": (8,), "axes": ("data",), "axis_type": "Explicit"}
 _X8 = {"shape": (8,), "axes": ("x",), "axis_type": "Explicit"}
 _2X4 = {"shape": (2, 4), "axes": ("a", "b"), "axis_type": "Explicit"}
 _4X2 = {"shape": (4, 2), "axes": ("a", "b"), "axis_type": "Explicit"}
@@ -121,3 +124,63 @@ def leaves(seed):
     """Deterministic float32 leaves for ``SHAPES``, in its key order."""
     rng = np.random.default_rng(seed)
     return [rng.standard_normal(s).astype(np.float32) for s in SHAPES.values()]
+
+
+# ------------------------------------------------------------------ Trainer
+
+TRAINER_STEPS = 4
+
+
+def mlp_problem():
+    """A one-hidden-layer regression: weights and one batch of 32 rows."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 16)).astype(np.float32)
+    y = np.tanh(x @ rng.standard_normal((16, 8))).astype(np.float32)
+    weights = {
+        "b1": np.full((32,), 0.1, np.float32),
+        "w1": (0.3 * rng.standard_normal((16, 32))).astype(np.float32),
+        "w2": (0.3 * rng.standard_normal((32, 8))).astype(np.float32),
+    }
+    return weights, (x, y)
+
+
+def mlp_loss(weights, batch, rng):
+    del rng
+    x, y = batch
+    h = jnp.tanh(x @ weights["w1"] + weights["b1"][None, :])
+    return jnp.mean((h @ weights["w2"] - y) ** 2)
+
+
+def last_axis_on_model(path, x):
+    """A tensor-parallel rule: each weight's last axis over mesh axis 'model'."""
+    del path
+    return PartitionSpec(*([None] * (np.ndim(x) - 1)), "model")
+
+
+# (mesh, rule name, expected weight specs, in full).
+_REPLICATED = {"b1": [None], "w1": [None, None], "w2": [None, None]}
+TRAINER_COMBOS = {
+    "data8": {**_DATA8, "rule": None, "weights": _REPLICATED},
+    "data8-fsdp": {
+        **_DATA8,
+        "rule": "fsdp",
+        "weights": {"b1": ["data"], "w1": [None, "data"], "w2": ["data", None]},
+    },
+    "data8-fsdp-auto": {
+        **_DATA8,
+        "axis_type": "Auto",
+        "rule": "fsdp",
+        "weights": {"b1": ["data"], "w1": [None, "data"], "w2": ["data", None]},
+    },
+    "data4-model2": {
+        "shape": (4, 2),
+        "axes": ("data", "model"),
+        "axis_type": "Explicit",
+        "rule": "model",
+        "weights": {"b1": ["model"], "w1": [None, "model"], "w2": [None, "model"]},
+    },
+}
+TRAINER_OPTIMIZERS = [
+    ("adafactor-momentum", treeopt.Adafactor, {"do_momentum": True, "beta1": 0.9}),
+    ("sm3-graft", treeopt.SM3, {"second_moment_averaging": 0.9}),
+]

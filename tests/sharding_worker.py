@@ -29,6 +29,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 import sharding_cases as sc
+import treeopt
 from treeopt import sharding
 
 COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "all-reduce")
@@ -114,6 +115,41 @@ def memory_table():
     return rows
 
 
+def run_trainer(opt, combo):
+    """Losses, weights and layouts of TRAINER_STEPS data-parallel steps (or of
+    one device when ``combo`` is None)."""
+    weights, batch = sc.mlp_problem()
+    kwargs = {}
+    if combo is not None:
+        mesh = mesh_for(combo)
+        rules = {
+            None: None,
+            "fsdp": sharding.fsdp(mesh, "data"),
+            "model": sc.last_axis_on_model,
+        }
+        kwargs = {"mesh": mesh, "sharding_rule": rules[combo["rule"]]}
+    trainer = treeopt.Trainer(sc.mlp_loss, opt, weights, **kwargs)
+    key = jax.random.key(0)
+    losses = [float(trainer.one_step(batch, key)[0]) for _ in range(sc.TRAINER_STEPS)]
+    rec = {"losses": losses}
+    if combo is not None:
+        rec["weight_specs"] = {k: spec_of(x) for k, x in trainer.weights.items()}
+        rec["slot_specs"] = [spec_of(x) for x in jax.tree.leaves(trainer.slots)]
+    return rec, [np.asarray(x) for x in jax.tree.leaves(trainer.weights)]
+
+
+def trainer_errors():
+    """Messages of the data-parallel Trainer's input errors on 8 devices."""
+    weights, (x, y) = sc.mlp_problem()
+    mesh = jax.make_mesh((8,), ("data",))
+    trainer = treeopt.Trainer(sc.mlp_loss, treeopt.SGD(), weights, mesh=mesh)
+    try:
+        trainer.one_step((x[:30], y[:30]), jax.random.key(0))
+    except ValueError as e:
+        return {"rows": str(e)}
+    return {"rows": None}
+
+
 def main(out_dir):
     weights = {k: v for k, v in zip(sc.SHAPES, sc.leaves(0), strict=True)}
     grads = [
@@ -127,6 +163,13 @@ def main(out_dir):
             rec = run_case(cls(**kwargs), combo, weights, grads)
             arrays[f"{case_id}/{combo_id}"] = rec.pop("arrays")
             summary[f"{case_id}/{combo_id}"] = rec
+    for opt_id, cls, kwargs in sc.TRAINER_OPTIMIZERS:
+        rec, arrays[f"trainer/{opt_id}/single"] = run_trainer(cls(**kwargs), None)
+        summary[f"trainer/{opt_id}/single"] = rec
+        for combo_id, combo in sc.TRAINER_COMBOS.items():
+            key = f"trainer/{opt_id}/{combo_id}"
+            summary[key], arrays[key] = run_trainer(cls(**kwargs), combo)
+    summary["trainer_errors"] = trainer_errors()
     summary["memory"] = memory_table()
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f)

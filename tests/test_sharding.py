@@ -140,7 +140,60 @@ def test_memory_per_device_falls_as_one_over_n(worker):
     assert factored == sorted(factored, reverse=True) and factored[-1] < factored[0]
 
 
+TRAINER_KEYS = [
+    f"{o}/{c}" for o, _, _ in sc.TRAINER_OPTIMIZERS for c in sc.TRAINER_COMBOS
+]
+TRAINER_OPT = {o: (cls, kw) for o, cls, kw in sc.TRAINER_OPTIMIZERS}
+
+
+@pytest.mark.parametrize("key", TRAINER_KEYS)
+def test_data_parallel_trainer_equals_one_device(worker, key):
+    summary, arrays = worker
+    opt_id, combo_id = key.split("/")
+    rec, single = summary[f"trainer/{key}"], summary[f"trainer/{opt_id}/single"]
+    np.testing.assert_allclose(rec["losses"], single["losses"], rtol=RTOL_SLOTS)
+    for i in range(3):
+        np.testing.assert_allclose(
+            arrays[f"trainer/{key}/{i}"],
+            arrays[f"trainer/{opt_id}/single/{i}"],
+            rtol=RTOL_SLOTS,
+            atol=ATOL_F32,
+        )
+    want = sc.TRAINER_COMBOS[combo_id]["weights"]
+    assert rec["weight_specs"] == want
+    cls, kwargs = TRAINER_OPT[opt_id]
+    opt = cls(**kwargs)
+    assert rec["slot_specs"] == [
+        s for k in sorted(want) for s in expected_slot_specs(opt, want[k])
+    ]
+
+
+def test_data_parallel_trainer_rejects_an_uneven_batch(worker):
+    assert (
+        "30 rows in all, not divisible by the 8 devices"
+        in (worker[0]["trainer_errors"]["rows"])
+    )
+
+
 # ------------------------------------------------------------- one device
+
+
+def test_trainer_mesh_without_the_data_axis():
+    weights, _ = sc.mlp_problem()
+    with pytest.raises(ValueError, match="data_axis 'data' is not an axis"):
+        treeopt.Trainer(sc.mlp_loss, treeopt.SGD(), weights, mesh=_mesh())
+
+
+def test_one_device_mesh_trainer_equals_plain_trainer():
+    weights, batch = sc.mlp_problem()
+    mesh = jax.make_mesh((1,), ("data",))
+    plain = treeopt.Trainer(sc.mlp_loss, treeopt.Adam(), weights)
+    meshed = treeopt.Trainer(sc.mlp_loss, treeopt.Adam(), weights, mesh=mesh)
+    key = jax.random.key(0)
+    for _ in range(2):
+        a, b = plain.one_step(batch, key)[0], meshed.one_step(batch, key)[0]
+        np.testing.assert_allclose(a, b, rtol=RTOL_SLOTS)
+    assert isinstance(meshed.weights["w1"].sharding, NamedSharding)
 
 
 def _mesh():
