@@ -35,19 +35,26 @@ class TreeoptState(NamedTuple):
 
 
 def _delta(new: jax.Array, old: ArrayLike) -> jax.Array:
-    """``u`` such that ``old + u`` rounds to exactly ``new`` where one exists.
+    """``u`` such that ``optax.apply_updates(old, u)`` is exactly ``new`` where a
+    float ``u`` can do it.
 
-    ``new - old`` is exact when the two are within a factor 2 (Sterbenz); when it
-    rounds, ``old + u`` can miss ``new`` by one ulp, and the neighbour of ``u``
-    one ulp toward the miss is tried instead.
+    ``u`` is in ``compute_dtype(old)``: float32 for bfloat16/float16 weights, where
+    the difference of two such numbers is exact and ``apply_updates`` casts the
+    sum back. For float32 weights ``new - old`` is exact within a factor 2
+    (Sterbenz); beyond, ``old + u`` may miss by one ulp, and the neighbour of
+    ``u`` one ulp toward the miss is taken if it lands.
     """
     old = jnp.asarray(old)
-    new = new.astype(old.dtype)
-    u = new - old
-    miss = old + u
-    toward = jnp.where(miss < new, jnp.inf, -jnp.inf).astype(u.dtype)
+    dt = base.compute_dtype(old)
+    target, start = new.astype(old.dtype), old.astype(dt)
+
+    def lands(u: jax.Array) -> jax.Array:
+        return (start + u).astype(old.dtype) == target
+
+    u = target.astype(dt) - start
+    toward = jnp.where(start + u < target, jnp.inf, -jnp.inf).astype(dt)
     u_next = jnp.nextafter(u, toward)
-    return jnp.where((miss != new) & (old + u_next == new), u_next, u)
+    return jnp.where(~lands(u) & lands(u_next), u_next, u)
 
 
 def to_optax(
@@ -60,7 +67,9 @@ def to_optax(
     exact math, global-norm clipping included) and returns the updates
     ``new_weights - params``, chosen so that ``optax.apply_updates(params,
     updates)`` gives treeopt's new weights bit for bit wherever float arithmetic
-    allows. ``params`` is required. The state is a ``TreeoptState``.
+    allows (updates of bfloat16/float16 weights are float32 for that reason;
+    ``apply_updates`` casts the sum back). ``params`` is required. The state is
+    a ``TreeoptState``.
 
     Args:
       optimizer: any ``treeopt.Optimizer``; wrap it in
