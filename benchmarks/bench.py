@@ -1,0 +1,34 @@
+"""treeopt vs optax step time on this machine; prints a markdown table.
+
+    python benchmarks/bench.py [--quick] [--json out.json] [--trees ...] [--opts ...]
+"""
+
+import argparse
+import sys
+
+from treeopt import bench
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="about a minute")
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    p.add_argument("--trees", nargs="+", choices=bench.TREES, default=bench.TREES)
+    p.add_argument("--opts", nargs="+", choices=bench.OPTIMIZERS, default=None)
+    args = p.parse_args(argv)
+    cfg = bench.config("quick" if args.quick else "full")
+    cfg = bench.dataclasses.replace(
+        cfg,
+        trees={k: v for k, v in cfg.trees.items() if k in args.trees},
+        optimizers=args.opts or bench.OPTIMIZERS,
+    )
+    result = bench.run(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(bench.to_markdown(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(bench.to_json(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,433 @@
+"""Step time and memory of treeopt against optax: the engine of ``treeopt bench``.
+
+Needs ``optax`` (the ``optax`` extra). Everything runs in one process: for each
+(tree, optimizer) row both libraries are compiled, then timed interleaved, one
+jitted step at a time with donated buffers and ``block_until_ready``, and the
+median is kept. The bandwidth bound of a row is the bytes an ideal step must
+move (read ``w``, ``g`` and the state once, write ``w`` and the state once)
+divided by the memory bandwidth measured here with a jitted ``y <- a x + y``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import treeopt
+from treeopt import packed as packed_lib
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+# ------------------------------------------------------------------- trees
+
+
+def transformer_shapes(
+    d_model: int = 512,
+    n_layers: int = 8,
+    vocab: int = 2048,
+    seq: int = 512,
+    n_heads: int = 8,
+    d_ff: int | None = None,
+) -> Shapes:
+    """Leaf shapes of a decoder-only transformer (Flax-like naming and layout).
+
+    The defaults give 26.5M parameters in 148 leaves; ``d_model=2048,
+    n_layers=20, vocab=32768, seq=2048, n_heads=16`` gives 1.08B in 364.
+    """
+    d, h = d_model, n_heads
+    hd, ff = d // h, d_ff or 4 * d_model
+    shapes: Shapes = {"embed": (vocab, d), "pos_embed": (seq, d)}
+    for i in range(n_layers):
+        p = f"layer{i:02d}/"
+        shapes |= {
+            p + "ln1/scale": (d,),
+            p + "ln1/bias": (d,),
+            p + "attn/query": (d, h, hd),
+            p + "attn/key": (d, h, hd),
+            p + "attn/value": (d, h, hd),
+            p + "attn/query_bias": (h, hd),
+            p + "attn/key_bias": (h, hd),
+            p + "attn/value_bias": (h, hd),
+            p + "attn/out": (h, hd, d),
+            p + "attn/out_bias": (d,),
+            p + "ln2/scale": (d,),
+            p + "ln2/bias": (d,),
+            p + "mlp/wi": (d, ff),
+            p + "mlp/bi": (ff,),
+            p + "mlp/wo": (ff, d),
+            p + "mlp/bo": (d,),
+        }
+    shapes |= {"final_ln/scale": (d,), "final_ln/bias": (d,)}
+    return shapes
+
+
+# Eight shapes averaging 1000 elements: small matrices, vectors, a 3-d kernel.
+_SMALL_SHAPES = [(32, 32), (1024,), (16, 64), (8, 8, 16), (512,), (48, 32), (256,)]
+_SMALL_SHAPES.append((40, 40))
+
+
+def many_small_shapes(n_leaves: int = 2000, scale: int = 1) -> Shapes:
+    """``n_leaves`` leaves of about ``1000 * scale`` elements each (8 shapes)."""
+    shapes: Shapes = {}
+    for i in range(n_leaves):
+        s = _SMALL_SHAPES[i % len(_SMALL_SHAPES)]
+        shapes[f"block{i // 8:03d}/p{i % 8}"] = (s[0] * scale, *s[1:])
+    return shapes
+
+
+def one_big_shapes(n: int = 4096) -> Shapes:
+    """One ``n x n`` matrix."""
+    return {"w": (n, n)}
+
+
+def _nest(shapes: Shapes, leaf: Callable[[tuple[int, ...]], Any]) -> dict:
+    """The flat ``'a/b/c'`` names as a nested dict, one ``leaf(shape)`` each."""
+    tree: dict = {}
+    for name, shape in shapes.items():
+        *parents, last = name.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = leaf(shape)
+    return tree
+
+
+def make_tree(shapes: Shapes, seed: int, dtype: Any = jnp.float32) -> dict:
+    """A nested dict of random normal leaves, scaled like an initialization."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(shape: tuple[int, ...]) -> jax.Array:
+        x = rng.standard_normal(shape, dtype=np.float32) * 0.02
+        return jnp.asarray(x, dtype)
+
+    return _nest(shapes, leaf)
+
+
+# -------------------------------------------------------------- optimizers
+
+
+def _optax_configs() -> dict[str, tuple[Callable, Callable]]:
+    """name -> (treeopt factory, closest optax factory), same hyperparameters."""
+    import optax
+
+    lr = 1e-3
+    return {
+        "sgd": (lambda: treeopt.SGD(lr), lambda: optax.sgd(lr)),
+        "momentum": (
+            lambda: treeopt.Momentum(lr, mass=0.9, weight_decay_rate=0.0),
+            lambda: optax.sgd(lr, momentum=0.9, nesterov=True),
+        ),
+        "rmsprop": (
+            lambda: treeopt.RMSProp(lr, gamma=0.9, eps=1e-8),
+            lambda: optax.rmsprop(lr, decay=0.9, eps=1e-8, initial_scale=1.0),
+        ),
+        # Trax's decay w <- (1 - wd) w is adamw with weight_decay = wd / lr.
+        "adam": (
+            lambda: treeopt.Adam(lr, weight_decay_rate=1e-5, eps=1e-5),
+            lambda: optax.adamw(lr, eps=1e-5, weight_decay=1e-5 / lr),
+        ),
+        # min_dim_size_to_factor=1: optax then factors every matrix, as Trax does.
+        "adafactor": (
+            lambda: treeopt.Adafactor(lr, weight_decay_rate=0.0),
+            lambda: optax.adafactor(lr, min_dim_size_to_factor=1),
+        ),
+        "sm3": (
+            lambda: treeopt.SM3(lr, momentum=0.9),
+            lambda: optax.sm3(lr, momentum=0.9),
+        ),
+    }
+
+
+OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam", "adafactor", "sm3")
+TREES = ("transformer", "many_small", "one_big")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """What to run and how long: trees by name, optimizers, rounds x steps."""
+
+    trees: dict[str, Shapes]
+    optimizers: Sequence[str] = OPTIMIZERS
+    rounds: int = 7
+    steps_per_round: int = 3
+    bandwidth_elements: int = 1 << 24
+    packed: bool = True
+
+
+def config(name: str) -> Config:
+    """``'full'``, ``'quick'`` (about a minute) or ``'tiny'`` (seconds, for tests)."""
+    trees = {
+        "transformer": transformer_shapes(),
+        "many_small": many_small_shapes(),
+        "one_big": one_big_shapes(),
+    }
+    if name == "full":
+        return Config(trees, rounds=15, steps_per_round=4)
+    if name == "quick":
+        return Config(trees, rounds=5, steps_per_round=2)
+    if name == "tiny":
+        tiny = {
+            "transformer": transformer_shapes(32, 2, 64, 16, 4),
+            "many_small": many_small_shapes(12),
+            "one_big": one_big_shapes(64),
+        }
+        return Config(tiny, rounds=2, steps_per_round=1, bandwidth_elements=1 << 16)
+    raise ValueError(f"config must be 'full', 'quick' or 'tiny', got {name!r}")
+
+
+# ------------------------------------------------------------ measurement
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _block(tree: Any) -> None:
+    jax.block_until_ready(tree)
+
+
+def measure_bandwidth(n: int = 1 << 24, repeats: int = 15) -> float:
+    """Memory bandwidth in bytes/s of a jitted, donated ``y <- a x + y``.
+
+    Each element moves 12 bytes (read x and y, write y); the median is taken.
+    """
+    x = jnp.ones((n,), jnp.float32)
+    y = jnp.zeros((n,), jnp.float32)
+    axpy = jax.jit(lambda a, x, y: a * x + y, donate_argnums=2)
+    a = jnp.float32(0.5)
+    for _ in range(3):
+        y = axpy(a, x, y)
+    _block(y)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        y = axpy(a, x, y)
+        _block(y)
+        times.append(time.perf_counter() - t0)
+    return 12 * n / float(np.median(times))
+
+
+class _Runner:
+    """One compiled, donated step of one library on one tree, with its state."""
+
+    def __init__(self, step_fn: Callable, args: tuple, donate: tuple, static: tuple):
+        self._static = static
+        t0 = time.perf_counter()
+        jitted = jax.jit(step_fn, donate_argnums=donate)
+        self._compiled = jitted.lower(*static, *args).compile()
+        self.compile_s = time.perf_counter() - t0
+        self._args = args
+        self._n_dynamic = len(donate)
+        self.times: list[float] = []
+
+    def step(self, record: bool) -> None:
+        t0 = time.perf_counter()
+        out = self._compiled(*self._static, *self._args)
+        _block(out)
+        if record:
+            self.times.append(time.perf_counter() - t0)
+        self._args = (*out, *self._args[self._n_dynamic :])
+
+    def median_ms(self) -> float:
+        return 1e3 * float(np.median(self.times))
+
+
+def _treeopt_runner(opt: treeopt.Optimizer, params: Any, grads: Any) -> tuple:
+    slots, opt_params = opt.tree_init(params, store_slots=False)
+
+    def step_fn(step, params, slots, grads, opt_params):
+        new_params, new_slots = opt.tree_update(
+            step, grads, params, slots, opt_params, store_slots=False
+        )
+        return new_params, new_slots
+
+    step = jnp.asarray(0, jnp.int32)
+    args = (params, slots, grads, opt_params)
+    return _Runner(step_fn, args, (1, 2), (step,)), _nbytes(slots)
+
+
+def _packed_runner(opt: treeopt.Optimizer, params: Any, grads: Any) -> tuple:
+    pk = packed_lib.Packed(opt, params)
+    slots, opt_params = pk.tree_init(params)
+
+    def step_fn(step, params, slots, grads, opt_params):
+        return pk.tree_update(step, grads, params, slots, opt_params)
+
+    step = jnp.asarray(0, jnp.int32)
+    args = (params, slots, grads, opt_params)
+    return _Runner(step_fn, args, (1, 2), (step,)), _nbytes(slots)
+
+
+def _optax_runner(tx: Any, params: Any, grads: Any) -> tuple:
+    import optax
+
+    state = tx.init(params)
+
+    def step_fn(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return _Runner(step_fn, (params, state, grads), (0, 1), ()), _nbytes(state)
+
+
+def _copy(tree: Any) -> Any:
+    return jax.tree.map(jnp.copy, tree)
+
+
+def bench_row(
+    tree_name: str, shapes: Shapes, opt_name: str, cfg: Config, bandwidth: float
+) -> dict:
+    """Compiles and times one (tree, optimizer) row; returns its record."""
+    make_treeopt, make_optax = _optax_configs()[opt_name]
+    params = make_tree(shapes, seed=0)
+    grads = make_tree(shapes, seed=1)
+    param_bytes = _nbytes(params)
+    runners: dict[str, _Runner] = {}
+    state_bytes: dict[str, int] = {}
+    runners["treeopt"], state_bytes["treeopt"] = _treeopt_runner(
+        make_treeopt(), _copy(params), grads
+    )
+    runners["optax"], state_bytes["optax"] = _optax_runner(
+        make_optax(), _copy(params), grads
+    )
+    if cfg.packed and packed_lib.supports(make_treeopt()):
+        runners["packed"], state_bytes["packed"] = _packed_runner(
+            make_treeopt(), _copy(params), grads
+        )
+    del params
+    for r in runners.values():
+        r.step(record=False)
+    order = list(runners.values())
+    for i in range(cfg.rounds):
+        for r in order if i % 2 == 0 else order[::-1]:
+            for _ in range(cfg.steps_per_round):
+                r.step(record=True)
+    row: dict[str, Any] = {
+        "tree": tree_name,
+        "optimizer": opt_name,
+        "n_leaves": len(shapes),
+        "n_params": int(sum(np.prod(s) for s in shapes.values())),
+        "param_bytes": param_bytes,
+    }
+    for name, r in runners.items():
+        moved = 3 * param_bytes + 2 * state_bytes[name]
+        row[name] = {
+            "ms": r.median_ms(),
+            "compile_s": r.compile_s,
+            "state_bytes": state_bytes[name],
+            "bound_ms": 1e3 * moved / bandwidth,
+            "pct_of_bound": 100 * (1e3 * moved / bandwidth) / r.median_ms(),
+        }
+    row["ratio"] = row["treeopt"]["ms"] / row["optax"]["ms"]
+    if "packed" in row:
+        row["packed_ratio"] = row["packed"]["ms"] / row["optax"]["ms"]
+    return row
+
+
+def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
+    """Runs every row of ``cfg``; a failing row is recorded, not raised."""
+    bandwidth = measure_bandwidth(cfg.bandwidth_elements)
+    rows = []
+    for tree_name, shapes in cfg.trees.items():
+        for opt_name in cfg.optimizers:
+            t0 = time.perf_counter()
+            try:
+                row = bench_row(tree_name, shapes, opt_name, cfg, bandwidth)
+            except Exception as e:  # a row may run out of memory; keep the rest
+                row = {"tree": tree_name, "optimizer": opt_name, "error": repr(e)}
+            row["wall_s"] = time.perf_counter() - t0
+            rows.append(row)
+            if log is not None:
+                log(_row_summary(row))
+    return {"machine": machine_info(), "bandwidth_gbs": bandwidth / 1e9, "rows": rows}
+
+
+def machine_info() -> dict:
+    """Device, host and library versions, for the report."""
+    import optax
+
+    dev = jax.devices()[0]
+    return {
+        "device": getattr(dev, "device_kind", str(dev)),
+        "platform": dev.platform,
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": _cpu_count(),
+        "jax": jax.__version__,
+        "optax": optax.__version__,
+        "treeopt": treeopt.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+
+
+def _row_summary(row: dict) -> str:
+    head = f"{row['tree']:>12} {row['optimizer']:>9}"
+    if "error" in row:
+        return f"{head}  FAILED {row['error'][:120]}"
+    s = f"{head}  treeopt {row['treeopt']['ms']:8.3f} ms  optax "
+    s += f"{row['optax']['ms']:8.3f} ms  ratio {row['ratio']:.2f}"
+    if "packed" in row:
+        s += f"  packed {row['packed']['ms']:8.3f} ms ({row['packed_ratio']:.2f})"
+    return s + f"  [{row['wall_s']:.1f} s]"
+
+
+# ------------------------------------------------------------------ output
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def to_markdown(result: dict) -> str:
+    """The rows as a markdown table, with the machine line above it."""
+    m = result["machine"]
+    lines = [
+        f"{m['device']} ({m['platform']}, {m['cpu_count']} cores), jax {m['jax']}, "
+        f"optax {m['optax']}, {m['date']}; measured bandwidth "
+        f"{result['bandwidth_gbs']:.1f} GB/s (jitted axpy).",
+        "",
+        "| tree | optimizer | treeopt ms | optax ms | ratio | packed ms | packed "
+        "ratio | compile s (treeopt / optax / packed) | bound ms | % of bound "
+        "(treeopt / optax / packed) | state MB / params MB (treeopt / optax) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        if "error" in row:
+            lines.append(
+                f"| {row['tree']} | {row['optimizer']} | failed: "
+                f"{row['error'][:80]} |" + " |" * 9
+            )
+            continue
+        t, o, p = row["treeopt"], row["optax"], row.get("packed")
+        lines.append(
+            f"| {row['tree']} | {row['optimizer']} | {t['ms']:.3f} | {o['ms']:.3f} "
+            f"| {row['ratio']:.2f} | "
+            + (f"{p['ms']:.3f} | {row['packed_ratio']:.2f}" if p else "- | -")
+            + f" | {t['compile_s']:.2f} / {o['compile_s']:.2f} / "
+            + (f"{p['compile_s']:.2f}" if p else "-")
+            + f" | {t['bound_ms']:.3f} | {t['pct_of_bound']:.0f} / "
+            f"{o['pct_of_bound']:.0f} / "
+            + (f"{p['pct_of_bound']:.0f}" if p else "-")
+            + f" | {_mb(t['state_bytes'])} / {_mb(o['state_bytes'])} / "
+            f"{_mb(row['param_bytes'])} |"
+        )
+    return "\n".join(lines)
+
+
+def to_json(result: dict) -> str:
+    """The full result as indented JSON."""
+    return json.dumps(result, indent=2, sort_keys=True)

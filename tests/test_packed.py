@@ -1,0 +1,197 @@
+"""The packed path equals the per-leaf path and round-trips the Trax slot layout."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import treeopt
+from treeopt import packed
+
+from cases import CASES
+from helpers import RTOL_F32, assert_tree_close
+from reference import run as reference_run
+
+PACKABLE = [c for c in CASES if packed.supports(c[0](**c[1]))]
+PACKABLE_IDS = [c[2] for c in PACKABLE]
+
+
+def mixed_tree(seed, scale=1.0):
+    """A dict/list/tuple tree with float32 and bfloat16 leaves, a scalar included."""
+    rng = np.random.default_rng(seed)
+
+    def r(shape, dtype=np.float32):
+        return jnp.asarray(scale * rng.standard_normal(shape), dtype)
+
+    return {
+        "dense": [r((3, 4)), r((4,))],
+        "scalar": r(()),
+        "emb": r((5, 2, 3), jnp.bfloat16),
+        "norm": (r((6,), jnp.bfloat16), r((2, 2))),
+    }
+
+
+def run_both(opt, weights, grads_per_step):
+    """Jitted per-leaf and packed runs; returns both (weights, Trax slots)."""
+    pk = packed.Packed(opt, weights)
+    slots, opt_params = opt.tree_init(weights, store_slots=False)
+    pslots, _ = pk.tree_init(weights)
+
+    @jax.jit
+    def leaf_step(step, g, w, s, p):
+        return opt.tree_update(step, g, w, s, p, store_slots=False)
+
+    @jax.jit
+    def packed_step(step, g, w, s, p):
+        return pk.tree_update(step, g, w, s, p)
+
+    w_leaf = w_pack = weights
+    for k, g in enumerate(grads_per_step):
+        step = jnp.asarray(k)
+        w_leaf, slots = leaf_step(step, g, w_leaf, slots, opt_params)
+        w_pack, pslots = packed_step(step, g, w_pack, pslots, opt_params)
+    return (w_leaf, slots), (w_pack, pk.unpack_slots(pslots))
+
+
+def assert_trees_equal(a, b):
+    a_leaves, a_def = jax.tree.flatten(a)
+    b_leaves, b_def = jax.tree.flatten(b)
+    assert a_def == b_def
+    for x, y in zip(a_leaves, b_leaves, strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(
+            np.asarray(x, np.float64), np.asarray(y, np.float64)
+        )
+
+
+@pytest.mark.parametrize("cls, kwargs, _id", PACKABLE, ids=PACKABLE_IDS)
+def test_packed_equals_per_leaf(cls, kwargs, _id):
+    opt = cls(**kwargs)
+    weights = mixed_tree(0)
+    grads = [mixed_tree(10 + k, scale=0.5) for k in range(3)]
+    (w_leaf, s_leaf), (w_pack, s_pack) = run_both(opt, weights, grads)
+    if opt.clip_grad_norm is None:
+        # Elementwise math on the same numbers: equal to the last bit.
+        assert_trees_equal(w_pack, w_leaf)
+        assert_trees_equal(s_pack, s_leaf)
+    else:
+        # The global norm is summed in another order: equal to rounding.
+        assert_tree_close(w_pack, w_leaf, rtol=RTOL_F32, atol=1e-7, what="weights")
+        assert_tree_close(s_pack, s_leaf, rtol=RTOL_F32, atol=1e-7, what="slots")
+        assert jax.tree.structure(s_pack) == jax.tree.structure(s_leaf)
+
+
+@pytest.mark.parametrize("cls, kwargs, _id", PACKABLE, ids=PACKABLE_IDS)
+def test_packed_matches_float64_reference(cls, kwargs, _id):
+    rng = np.random.default_rng(1)
+    shapes = [(3, 4), (), (7,), (2, 3, 2)]
+    weights = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [
+        [rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(4)
+    ]
+    opt = cls(**kwargs)
+    pk = packed.Packed(opt, weights)
+    slots, opt_params = pk.tree_init(weights)
+    step_fn = jax.jit(pk.tree_update)
+    w = weights
+    for k, g in enumerate(grads):
+        w, slots = step_fn(jnp.asarray(k), g, w, slots, opt_params)
+    w_ref, s_ref = reference_run(cls.__name__, kwargs, weights, grads)
+    assert_tree_close(w, w_ref, rtol=RTOL_F32, atol=1e-6, what="weights")
+    s_ref = tuple(jax.tree.map(np.asarray, s) for s in s_ref)
+    assert_tree_close(pk.unpack_slots(slots), s_ref, rtol=1e-5, atol=1e-6, what="slots")
+
+
+@pytest.mark.parametrize("cls, kwargs, _id", PACKABLE, ids=PACKABLE_IDS)
+def test_slot_layout_round_trips_exactly(cls, kwargs, _id):
+    opt = cls(**kwargs)
+    weights = mixed_tree(2)
+    pk = packed.Packed(opt, weights)
+    slots, _ = opt.tree_init(weights, store_slots=False)
+    # Non-trivial slot values, so that misplaced elements would show.
+    slots = jax.tree.map(lambda x: x + jnp.arange(x.size).reshape(x.shape), slots)
+    back = pk.unpack_slots(pk.pack_slots(slots))
+    assert_trees_equal(back, slots)
+    pslots = pk.pack_slots(slots)
+    assert_trees_equal(pk.pack_slots(pk.unpack_slots(pslots)), pslots)
+    assert len(pslots) == 2  # one group per dtype: float32 and bfloat16
+
+
+def test_pack_unpack_weights_round_trip_and_group_by_dtype():
+    weights = mixed_tree(3)
+    pk = packed.Packed(treeopt.Adam(), weights)
+    flats = pk.pack(weights)
+    assert [f.dtype for f in flats] == [jnp.float32, jnp.bfloat16]
+    assert [f.shape for f in flats] == [(3 * 4 + 4 + 1 + 4,), (5 * 2 * 3 + 6,)]
+    assert_trees_equal(pk.unpack(flats), weights)
+
+
+def test_metrics_match_per_leaf():
+    opt = treeopt.Adam(0.1, clip_grad_norm=0.5)
+    weights, grads = mixed_tree(4), mixed_tree(5)
+    slots, p = opt.tree_init(weights, store_slots=False)
+    pk = packed.Packed(opt, weights)
+    pslots, _ = pk.tree_init(weights)
+    leaf = jax.jit(lambda g, w, s: opt.tree_update(0, g, w, s, p, False, True))
+    pack = jax.jit(lambda g, w, s: pk.tree_update(0, g, w, s, p, with_metrics=True))
+    m_leaf = leaf(grads, weights, slots)[2]
+    m_pack = pack(grads, weights, pslots)[2]
+    assert set(m_pack) == {"gradients_l2", "weights_l2"}
+    for k in m_leaf:
+        np.testing.assert_allclose(m_pack[k], m_leaf[k], rtol=1e-6)
+
+
+@settings(max_examples=8)
+@given(
+    shapes=st.lists(
+        st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple),
+        min_size=1,
+        max_size=6,
+    ),
+    nesterov=st.booleans(),
+)
+def test_packed_equals_per_leaf_on_random_trees(shapes, nesterov):
+    rng = np.random.default_rng(len(shapes))
+    weights = {
+        f"p{i}": rng.standard_normal(s).astype(np.float32) for i, s in enumerate(shapes)
+    }
+    grads = [
+        {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in weights.items()}
+        for _ in range(2)
+    ]
+    opt = treeopt.Momentum(0.1, weight_decay_rate=0.01, nesterov=nesterov)
+    (w_leaf, s_leaf), (w_pack, s_pack) = run_both(opt, weights, grads)
+    assert_trees_equal(w_pack, w_leaf)
+    assert_trees_equal(s_pack, s_leaf)
+
+
+@pytest.mark.parametrize(
+    "opt, match",
+    [
+        (treeopt.Adafactor(), "Adafactor"),
+        (treeopt.SM3(), "SM3"),
+    ],
+)
+def test_non_elementwise_optimizers_are_refused(opt, match):
+    with pytest.raises(TypeError, match=match):
+        packed.Packed(opt, {"w": jnp.ones((2, 2))})
+
+
+def test_mismatched_inputs_raise_clear_errors():
+    weights = {"a": jnp.ones((2, 3)), "b": jnp.ones((4,))}
+    pk = packed.Packed(treeopt.Adam(), weights)
+    slots, p = pk.tree_init(weights)
+    with pytest.raises(ValueError, match="shape"):
+        pk.tree_update(
+            0, {"a": jnp.ones((3, 2)), "b": jnp.ones((4,))}, weights, slots, p
+        )
+    with pytest.raises(ValueError, match="structure"):
+        pk.tree_update(0, {"a": jnp.ones((2, 3))}, weights, slots, p)
+    with pytest.raises(ValueError, match="groups"):
+        pk.tree_update(0, weights, weights, slots + slots, p)
+    with pytest.raises(ValueError, match="entries"):
+        pk.pack_slots(slots[:1])
+    with pytest.raises(TypeError, match="float"):
+        packed.Packed(treeopt.SGD(), {"i": jnp.ones((2,), jnp.int32)})
