@@ -6,6 +6,7 @@ recorded against the slot layout of SPEC section 3 and against the same steps
 on one device. The API's error paths run here, on one device.
 """
 
+import fcntl
 import json
 import os
 import subprocess
@@ -29,10 +30,7 @@ KEYS = [f"{i}/{c}" for _, _, i in sc.OPTIMIZERS for c in sc.COMBOS]
 OPT_OF = {i: (cls, kw) for cls, kw, i in sc.OPTIMIZERS}
 
 
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    """Runs every sharded case once; returns (summary dict, arrays npz)."""
-    out = tmp_path_factory.mktemp("sharded")
+def _run_worker(out):
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     try:
         proc = subprocess.run(
@@ -47,6 +45,29 @@ def worker(tmp_path_factory):
         pytest.fail(f"sharding_worker.py timed out:\n{e.stderr}")
     if proc.returncode != 0:
         pytest.fail(f"sharding_worker.py failed:\n{proc.stderr[-4000:]}")
+    (out / "done").touch()
+
+
+@pytest.fixture(scope="session")
+def worker(tmp_path_factory):
+    """Runs every sharded case once; returns (summary dict, arrays npz).
+
+    Under pytest-xdist the worker processes share one run (the first takes a
+    lock and runs it, the others wait and read its files) instead of each
+    paying for its own.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by this session's xdist workers only
+    out = root / "sharded"
+    out.mkdir(exist_ok=True)
+    with open(root / "sharded.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (out / "done").exists():
+                _run_worker(out)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     with open(out / "summary.json") as f:
         summary = json.load(f)
     return summary, np.load(out / "arrays.npz")
