@@ -76,22 +76,29 @@ def _show(spec: list) -> str:
     return f"shape {tuple(spec[1])} {spec[2]}"
 
 
+def _some(paths: list[str]) -> str:
+    more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+    return ", ".join(paths[:3]) + more
+
+
 def _tree_mismatch(saved: list[list], wanted: list[list]) -> str | None:
-    for s, w in zip(saved, wanted, strict=False):
-        if s[0] != w[0]:
-            return f"the checkpoint has {s[0]} where `like` has {w[0]}"
+    """The leaves only one side has, else the first leaf whose shape, dtype or
+    placeholder differs; None if the trees fit."""
+    saved_by_path = {spec[0]: spec for spec in saved}
+    wanted_by_path = {spec[0]: spec for spec in wanted}
+    only_saved = [p for p in saved_by_path if p not in wanted_by_path]
+    only_wanted = [p for p in wanted_by_path if p not in saved_by_path]
+    problems = []
+    if only_wanted:
+        problems.append(f"`like` has {_some(only_wanted)}, the checkpoint has not")
+    if only_saved:
+        problems.append(f"the checkpoint has {_some(only_saved)}, `like` has not")
+    if problems:
+        return "; ".join(problems)
+    for path, s in saved_by_path.items():
+        w = wanted_by_path[path]
         if s != w:
-            return f"at {s[0]}: checkpoint has {_show(s)}, `like` has {_show(w)}"
-    if len(saved) != len(wanted):
-        extra, who = (
-            (saved, "checkpoint")
-            if len(saved) > len(wanted)
-            else (
-                wanted,
-                "`like`",
-            )
-        )
-        return f"{extra[min(len(saved), len(wanted))][0]} exists only in the {who}"
+            return f"at {path}: checkpoint has {_show(s)}, `like` has {_show(w)}"
     return None
 
 
