@@ -128,10 +128,16 @@ def run_trainer(opt, combo):
             "model": sc.last_axis_on_model,
         }
         kwargs = {"mesh": mesh, "sharding_rule": rules[combo["rule"]]}
-    trainer = treeopt.Trainer(sc.mlp_loss, opt, weights, **kwargs)
+    traces = []
+
+    def loss_fn(w, batch, rng):
+        traces.append(1)
+        return sc.mlp_loss(w, batch, rng)
+
+    trainer = treeopt.Trainer(loss_fn, opt, weights, **kwargs)
     key = jax.random.key(0)
     losses = [float(trainer.one_step(batch, key)[0]) for _ in range(sc.TRAINER_STEPS)]
-    rec = {"losses": losses}
+    rec = {"losses": losses, "traces": len(traces)}
     if combo is not None:
         rec["weight_specs"] = {k: spec_of(x) for k, x in trainer.weights.items()}
         rec["slot_specs"] = [spec_of(x) for x in jax.tree.leaves(trainer.slots)]

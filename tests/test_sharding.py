@@ -173,6 +173,7 @@ def test_data_parallel_trainer_equals_one_device(worker, key):
     opt_id, combo_id = key.split("/")
     rec, single = summary[f"trainer/{key}"], summary[f"trainer/{opt_id}/single"]
     np.testing.assert_allclose(rec["losses"], single["losses"], rtol=RTOL_SLOTS)
+    assert rec["traces"] == 1  # the sharded step compiles once
     for i in range(3):
         np.testing.assert_allclose(
             arrays[f"trainer/{key}/{i}"],
@@ -296,7 +297,13 @@ def test_layout_that_depends_on_sizes_is_refused():
 
 @pytest.mark.parametrize(
     "shape, spec",
-    [((16, 3), P("x")), ((3, 16), P(None, "x")), ((8, 16), P(None, "x")), ((3,), P())],
+    [
+        ((16, 3), P("x", None)),
+        ((3, 16), P(None, "x")),
+        ((8, 16), P(None, "x")),
+        ((3,), P(None)),
+        ((), P()),
+    ],
 )
 def test_fsdp_rule_picks_the_largest_divisible_axis(shape, spec):
     # A 4-way mesh described abstractly (this process has one device).

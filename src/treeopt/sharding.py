@@ -107,7 +107,7 @@ def _leaf_slot_shardings(optimizer: base.Optimizer, path: Any, x: Any) -> Any:
 
 def _slot_sharding(sharding: Sharding, ndim: int, axes: list[int | None]) -> Sharding:
     if isinstance(sharding, NamedSharding):
-        spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+        spec = _padded(sharding.spec, ndim)
         entries = [spec[i] if i is not None else None for i in axes]
         return NamedSharding(
             sharding.mesh, PartitionSpec(*entries), memory_kind=sharding.memory_kind
@@ -151,16 +151,15 @@ def tree_init(optimizer: base.Optimizer, weights: PyTree) -> tuple[tuple, dict]:
 
 def fsdp(mesh: jax.sharding.Mesh, axis: str) -> Callable[[Any, Any], PartitionSpec]:
     """A sharding rule: shard each leaf along its largest axis divisible by the
-    size of mesh axis ``axis`` (replicate leaves with none), as in FSDP/ZeRO-3."""
+    size of mesh axis ``axis`` (replicate leaves with none), as in FSDP/ZeRO-3;
+    the spec has one entry per axis of the leaf."""
     n = mesh.shape[axis]
 
     def rule(path: Any, x: Any) -> PartitionSpec:
         del path
         sizes = [(d, i) for i, d in enumerate(jnp.shape(x)) if d % n == 0 and d >= n]
-        if not sizes:
-            return PartitionSpec()
-        _, i = max(sizes)
-        return PartitionSpec(*[axis if j == i else None for j in range(i + 1)])
+        i = max(sizes)[1] if sizes else None
+        return PartitionSpec(*[axis if j == i else None for j in range(np.ndim(x))])
 
     return rule
 
@@ -228,8 +227,12 @@ class DataParallel:
         self.data_size = int(np.prod([mesh.shape[a] for a in names]))
         self.replicated = NamedSharding(mesh, PartitionSpec())
         self.batch = NamedSharding(mesh, PartitionSpec(data_axis))
+        # Specs padded to one entry per axis: jit returns them in that form,
+        # and an unpadded input would look like a new layout and recompile.
         self.weights = jax.tree.map_with_path(
-            lambda p, x: NamedSharding(mesh, rule(p, x) if rule else PartitionSpec()),
+            lambda p, x: NamedSharding(
+                mesh, _padded(rule(p, x) if rule else PartitionSpec(), np.ndim(x))
+            ),
             weights,
         )
         shapes = jax.tree.map(
@@ -304,6 +307,10 @@ class DataParallel:
     def constrain(self, weights: PyTree, slots: tuple) -> tuple[PyTree, tuple]:
         """Pins updated weights and slots to this layout (inside ``jax.jit``)."""
         return jax.tree.map(_pin, (weights, slots), (self.weights, self.slots))
+
+
+def _padded(spec: PartitionSpec, ndim: int) -> PartitionSpec:
+    return PartitionSpec(*spec, *([None] * (ndim - len(spec))))
 
 
 def _pin(x: jax.Array, s: NamedSharding) -> jax.Array:
