@@ -19,9 +19,10 @@ STEPS = 8
 
 
 def _tree(seed, dtypes=None):
-    """A dict of leaves of rank 0-3, one of them bfloat16."""
+    """A dict of leaves of rank 1 and 2, one of them bfloat16 (the per-leaf math
+    of every rank is tested with the core; here the tree plumbing is)."""
     rng = np.random.default_rng(seed)
-    shapes = {"s": (), "v": (5,), "m": (3, 4), "t": (2, 3, 4), "h": (4, 3)}
+    shapes = {"v": (5,), "m": (3, 4), "h": (2, 3)}
     dtypes = dtypes or {"h": jnp.bfloat16}
     return {
         k: jnp.asarray(rng.standard_normal(s), dtypes.get(k, jnp.float32))
@@ -112,8 +113,8 @@ def test_each_step_equals_class_api(cls, kwargs, case_id):
 
 @pytest.mark.parametrize(
     ("cls", "kwargs", "case_id"),
-    [c for c in ALL_CASES if c[2] in ("adafactor-bf16-momentum", "sm3-graft-wd")],
-    ids=["sm3-graft-wd", "adafactor-bf16-momentum"],
+    [BF16_MOMENTUM],
+    ids=[BF16_MOMENTUM[2]],
 )
 def test_jitted_loop_matches_class_api(cls, kwargs, case_id):
     weights, grads = _tree(0), _grads(1)
@@ -148,7 +149,7 @@ class _Jump(treeopt.Optimizer):
         return grads, None
 
 
-def _old_new_pairs(dtype, n=20000):
+def _old_new_pairs(dtype, n=5000):
     # From tiny relative steps to sign changes and jumps of orders of magnitude.
     rng = np.random.default_rng(0)
     old = rng.standard_normal(n) * 10.0 ** rng.integers(-3, 3, n)
@@ -165,7 +166,7 @@ def _applied(old, new):
 def test_float32_updates_land_on_new_weights_whenever_a_float_can():
     old, new = _old_new_pairs(jnp.float32)
     possible = jnp.zeros(old.shape, bool)
-    for u in _neighbours(new - old):
+    for u in _neighbours(new - old, 4):
         possible |= optax.apply_updates(old, u) == new
     got = _applied(old, new) == new
     assert bool(jnp.all(got == possible)), int(jnp.sum(got != possible))
@@ -248,7 +249,7 @@ def test_learning_rate_schedule():
 
 def test_chain_with_clip_by_global_norm():
     # optax clips first; treeopt then sees the clipped gradients.
-    opt, weights = treeopt.Adafactor(), _tree(0, dtypes={"h": jnp.float32})
+    opt, weights = treeopt.Adam(0.05), _tree(0, dtypes={"h": jnp.float32})
     grads = jax.tree.map(lambda g: 10 * g.astype(jnp.float32), _grads(1))
     tx = optax.chain(optax.clip_by_global_norm(1.0), to_optax(opt))
     w, _ = jax.jit(lambda w, g: _optax_loop(tx, w, g))(weights, grads)
@@ -356,7 +357,7 @@ def test_weight_decay_convention_against_adamw():
 class _MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
-        return nn.Dense(1)(nn.tanh(nn.Dense(8)(x)))
+        return nn.Dense(1)(nn.tanh(nn.Dense(4)(x)))
 
 
 def test_flax_train_state_loop():
@@ -386,10 +387,10 @@ def test_flax_train_state_loop():
 
     w, (slots, opt_params) = params, opt.tree_init(params, store_slots=False)
     losses = []
-    for k in range(20):
+    for k in range(12):
         state, loss = train_step(state)
         losses.append(float(loss))
         w, slots = class_step(k, w, slots, opt_params)
     assert losses[-1] < 0.5 * losses[0]
-    assert int(state.step) == 20 and int(state.opt_state.count) == 20
+    assert int(state.step) == 12 and int(state.opt_state.count) == 12
     assert_tree_close(state.params, w, 1e-6, 1e-7, "TrainState params")
