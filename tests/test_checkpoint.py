@@ -305,3 +305,12 @@ def test_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     # The folder stays usable: step 2 can be written again.
     checkpoint.save(tmp_path, 2, like, optimizer=opt)
     assert checkpoint.latest_step(tmp_path) == 2
+
+
+def test_restore_into_an_abstract_like(tmp_path):
+    opt = treeopt.Adafactor(do_momentum=True, momentum_in_bfloat16=True)
+    state = _train(opt, _fresh(opt, _weights()), _grads(2), 0)
+    checkpoint.save(tmp_path, 2, state, optimizer=opt)
+    like = jax.eval_shape(lambda: _fresh(opt, _weights()))
+    assert isinstance(like["weights"]["h"], jax.ShapeDtypeStruct)
+    _assert_identical(checkpoint.restore(tmp_path, like, optimizer=opt), state, "sds")

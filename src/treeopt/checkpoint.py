@@ -179,13 +179,13 @@ def save(
         manager.wait_until_finished()
 
 
-def _target(x: Any) -> jax.ShapeDtypeStruct:
+def _target(abstract: jax.ShapeDtypeStruct, x: Any) -> jax.ShapeDtypeStruct:
+    """What orbax restores a leaf of ``like`` as: its shape and (canonical) dtype,
+    and its sharding if it has one (else the first device)."""
     sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(
         jax.devices()[0]
     )
-    dtype = x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
-    shape = x.shape if hasattr(x, "shape") else ()
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    return jax.ShapeDtypeStruct(abstract.shape, abstract.dtype, sharding=sharding)
 
 
 def restore(
@@ -204,6 +204,8 @@ def restore(
     or dtypes differ from ``like``'s, or if ``optimizer`` differs in class,
     structural options or opt_params names from the one recorded at save.
     """
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no complete checkpoint in {directory}")
     if step is None:
         step = latest_step(directory)
         if step is None:
@@ -233,7 +235,7 @@ def restore(
         problem = _tree_mismatch(meta["tree"], _leaf_specs(like))
         if problem:
             raise ValueError(f"checkpoint {where} does not fit `like`: {problem}")
-        target = jax.tree.map(_target, like)
+        target = jax.tree.map(_target, jax.eval_shape(lambda t: t, like), like)
         return manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
         ).state

@@ -39,10 +39,11 @@ def _delta(new: jax.Array, old: ArrayLike) -> jax.Array:
     float ``u`` can do it.
 
     ``u`` is in ``compute_dtype(old)``: float32 for bfloat16/float16 weights, where
-    the difference of two such numbers is exact and ``apply_updates`` casts the
-    sum back. For float32 weights ``new - old`` is exact within a factor 2
-    (Sterbenz); beyond, ``old + u`` may miss by one ulp, and the neighbour of
-    ``u`` one ulp toward the miss is taken if it lands.
+    the difference of two such numbers is exact (unless their magnitudes are more
+    than about 2**13 apart) and ``apply_updates`` casts the sum back. For float32
+    weights ``new - old`` is exact within a factor 2 (Sterbenz); beyond, ``old +
+    u`` may miss by one ulp, and the neighbour of ``u`` one ulp toward the miss is
+    taken if it lands.
     """
     old = jnp.asarray(old)
     dt = base.compute_dtype(old)
