@@ -220,3 +220,19 @@ def test_per_leaf_update_skips_that_leaf():
     _assert_bitwise((w_new, a_new), (w, a), "per leaf")
     w_new, _ = opt.update(0, jnp.ones(3), w, a, opt.opt_params)
     assert bool(jnp.all(w_new < w))
+
+
+def test_trainer_reports_the_skip():
+    def loss_fn(w, batch, rng):
+        del rng
+        return jnp.sum(w["w"] * batch)
+
+    trainer = treeopt.Trainer(
+        loss_fn, treeopt.SkipNonFinite(treeopt.Adam(0.1)), {"w": jnp.ones(3)}
+    )
+    _, metrics = trainer.one_step(jnp.asarray([1.0, 2.0, 3.0]), jax.random.key(0))
+    assert int(metrics[SKIPPED]) == 0
+    before = jax.tree.map(np.asarray, trainer.weights)
+    _, metrics = trainer.one_step(jnp.asarray([jnp.nan, 1.0, 1.0]), jax.random.key(0))
+    assert int(metrics[SKIPPED]) == 1
+    _assert_bitwise(trainer.weights, before, "trainer")

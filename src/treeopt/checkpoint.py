@@ -220,6 +220,11 @@ def restore(
             step, args=ocp.args.Composite(treeopt=ocp.args.JsonRestore())
         ).treeopt
         where = os.path.join(os.fspath(directory), str(step))
+        if meta.get("format") != _FORMAT:
+            raise ValueError(
+                f"checkpoint {where} has format {meta.get('format')!r}; this "
+                f"treeopt reads format {_FORMAT}"
+            )
         if optimizer is not None:
             if meta["optimizer"] is None:
                 raise ValueError(
