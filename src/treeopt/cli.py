@@ -71,7 +71,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         "(default: all)",
     )
     p.add_argument(
-        "--steps", type=_positive_int, default=300, help="steps per optimizer"
+        "--steps", type=_positive_int, default=400, help="steps per optimizer"
     )
     p.add_argument("--seed", type=int, default=0, help="weights, batches, sample")
     p.add_argument("--out", type=Path, default=Path("treeopt-demo"), help="output dir")
