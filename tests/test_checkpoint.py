@@ -314,3 +314,26 @@ def test_restore_into_an_abstract_like(tmp_path):
     like = jax.eval_shape(lambda: _fresh(opt, _weights()))
     assert isinstance(like["weights"]["h"], jax.ShapeDtypeStruct)
     _assert_identical(checkpoint.restore(tmp_path, like, optimizer=opt), state, "sds")
+
+
+def test_opt_params_as_loaded_from_numpy_change_nothing():
+    # A checkpoint read through NumPy gives strongly typed (even float64)
+    # scalars instead of the weakly typed jnp.array(0.999) Trax used. Explicit
+    # casts keep bfloat16 results identical in value and dtype.
+    opt = treeopt.Adam(0.05)
+    w = _weights()
+    slots, opt_params = opt.tree_init(w, store_slots=False)
+    forms = {
+        "float32": opt_params,
+        "weak": {k: jnp.asarray(float(v)) for k, v in opt_params.items()},
+        "numpy64": {k: np.asarray(float(v), np.float64) for k, v in opt_params.items()},
+        "numpy32": {k: np.asarray(v, np.float32) for k, v in opt_params.items()},
+    }
+    results = {
+        name: _train(opt, {"weights": w, "slots": slots, "opt_params": p}, _grads(3), 0)
+        for name, p in forms.items()
+    }
+    for name, result in results.items():
+        assert result["weights"]["h"].dtype == jnp.bfloat16, name
+        _assert_identical(result["weights"], results["float32"]["weights"], name)
+        _assert_identical(result["slots"], results["float32"]["slots"], name)
