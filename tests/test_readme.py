@@ -1,7 +1,9 @@
 """Runs the README's snippets: every ```python block that directly follows a
 ``<!-- tested -->`` line, each in a fresh namespace and an empty working folder.
 
-To have a new snippet tested, put ``<!-- tested -->`` on the line above it.
+To have a new snippet tested, put ``<!-- tested -->`` on the line above it. The
+snippets run inside the test process: they must not change JAX's global
+configuration (use an untested block for that).
 """
 
 import ast
