@@ -76,6 +76,7 @@ def _files(tmp_path):
     [
         (["demo", "--data", "{tmp}/missing.txt"], r"missing.txt: no such file$"),
         (["demo", "--data", "{tmp}/empty.txt"], r"empty.txt is empty$"),
+        (["demo", "--data", "{tmp}"], r"is not a file$"),
         (
             ["demo", "--data", "{tmp}/short.txt"],
             r"corpus too short: 300 characters leave 30 for validation, fewer "
@@ -89,6 +90,7 @@ def _files(tmp_path):
         (["demo", "--steps", "0"], r"--steps: must be a positive integer, got 0 "),
         (["demo", "--steps", "-3"], r"--steps: must be a positive integer, got -3 "),
         (["demo", "--steps", "ten"], r"must be a positive integer, got 'ten'"),
+        (["demo", "--seed", "-1"], r"--seed: must be a non-negative integer, got -1"),
         (["demo", "--d-model", "30"], r"--d-model 30 is not a multiple of --heads 4"),
         (["bench-nothing"], r"invalid choice: 'bench-nothing'"),
         ([], r"the following arguments are required: command"),

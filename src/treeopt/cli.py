@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -25,16 +25,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be a positive integer, got {text!r}"
-        ) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _int_at_least(low: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be a {what} integer, got {text!r}"
+            ) from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be a {what} integer, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1, "positive")
+_nonnegative_int = _int_at_least(0, "non-negative")
 
 
 def _optimizer_names(text: str) -> tuple[str, ...]:
@@ -73,7 +80,9 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--steps", type=_positive_int, default=400, help="steps per optimizer"
     )
-    p.add_argument("--seed", type=int, default=0, help="weights, batches, sample")
+    p.add_argument(
+        "--seed", type=_nonnegative_int, default=0, help="weights, batches, sample"
+    )
     p.add_argument("--out", type=Path, default=Path("treeopt-demo"), help="output dir")
     p.add_argument(
         "--data",

@@ -107,8 +107,10 @@ def load_corpus(data: Path | None, context: int) -> Corpus:
     if data is None:
         text, source = stdlib_text()
     else:
-        if not data.is_file():
+        if not data.exists():
             raise UsageError(f"--data {data}: no such file")
+        if not data.is_file():
+            raise UsageError(f"--data {data} is not a file")
         try:
             text = data.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
@@ -146,7 +148,7 @@ class Run:
     val_bpc: list[float] = dataclasses.field(default_factory=list)
     final_train_bpc: float = math.nan
     final_val_bpc: float = math.nan
-    ms_per_step: float = math.nan
+    ms_per_step: float | None = None  # None: no step after the compiling one
     state_bytes: int = 0
     param_bytes: int = 0
     weights: dict | None = None
@@ -206,7 +208,8 @@ def train_one(
             recent = []
     run.final_val_bpc = run.val_bpc[-1]
     run.final_train_bpc = float(eval_loss(trainer.weights, eval_sets["train"]))
-    run.ms_per_step = 1000 * step_time / max(timed_steps, 1)
+    if timed_steps:
+        run.ms_per_step = 1000 * step_time / timed_steps
     run.weights = trainer.weights
     return run
 
@@ -224,7 +227,7 @@ def _table(runs: list[Run]) -> Table:
             r.name,
             f"{r.final_train_bpc:.3f}",
             f"{r.final_val_bpc:.3f}",
-            f"{r.ms_per_step:.1f}",
+            "n/a" if r.ms_per_step is None else f"{r.ms_per_step:.1f}",
             f"{r.state_bytes:,}",
             f"{r.state_bytes / r.param_bytes:.2f}x",
         )
