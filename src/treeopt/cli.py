@@ -25,6 +25,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults in --help, except None (the help text explains those)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _int_at_least(low: int, what: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -62,6 +71,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "demo",
         help="train a small character Transformer with every optimizer",
+        formatter_class=_Help,
         description=(
             "Trains the same small decoder-only Transformer character model with "
             "each optimizer (same weights, batches and warmup+cosine schedule), "
@@ -81,9 +91,14 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         "--steps", type=_positive_int, default=400, help="steps per optimizer"
     )
     p.add_argument(
-        "--seed", type=_nonnegative_int, default=0, help="weights, batches, sample"
+        "--seed",
+        type=_nonnegative_int,
+        default=0,
+        help="seed of the weights, batches and sample",
     )
-    p.add_argument("--out", type=Path, default=Path("treeopt-demo"), help="output dir")
+    p.add_argument(
+        "--out", type=Path, default=Path("treeopt-demo"), help="output directory"
+    )
     p.add_argument(
         "--data",
         type=Path,
@@ -91,11 +106,15 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         help="UTF-8 text file to train on (default: the Python standard "
         "library's own source files)",
     )
-    p.add_argument("--context", type=_positive_int, default=64, help="characters")
-    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument(
+        "--context", type=_positive_int, default=64, help="characters per window"
+    )
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=16, help="windows per step"
+    )
     p.add_argument("--d-model", type=_positive_int, default=96, help="model width")
-    p.add_argument("--layers", type=_positive_int, default=2)
-    p.add_argument("--heads", type=_positive_int, default=4)
+    p.add_argument("--layers", type=_positive_int, default=2, help="Transformer blocks")
+    p.add_argument("--heads", type=_positive_int, default=4, help="attention heads")
     p.add_argument(
         "--evals", type=_positive_int, default=10, help="validation points per run"
     )
