@@ -156,9 +156,10 @@ class Trainer:
         ``metrics`` holds ``loss``, ``gradients_l2`` (before clipping),
         ``weights_l2`` (before the update), ``learning_rate`` (used for this
         update), any further metrics the optimizer reports, and ``aux`` when
-        ``loss_fn`` returns one. ``step`` overrides the step number and
-        ``learning_rate`` the schedule, for this update only (Trax's signature);
-        afterwards ``self.step`` is the used step plus one.
+        ``loss_fn`` returns one. ``step`` overrides the step number (afterwards
+        ``self.step`` is the used step plus one) and ``learning_rate`` the
+        schedule's value for this update; without a schedule it stays in
+        ``opt_params``, as in Trax's ``one_step``.
         """
         step = self.step if step is None else step
         lr = None if learning_rate is None else jnp.asarray(learning_rate, jnp.float32)
