@@ -216,3 +216,11 @@ def test_bad_first_step(first_step, error, match):
     weights, _ = least_squares()
     with pytest.raises(error, match=match):
         treeopt.Trainer(mse, treeopt.SGD(), weights, first_step=first_step)
+
+
+def test_learning_rate_override_stays_without_a_schedule():
+    weights, batch = least_squares()
+    trainer = treeopt.Trainer(mse, treeopt.SGD(0.01), weights)
+    trainer.one_step(batch, jax.random.key(0), learning_rate=0.5)
+    _, metrics = trainer.one_step(batch, jax.random.key(0))
+    assert float(metrics["learning_rate"]) == 0.5
