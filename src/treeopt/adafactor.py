@@ -11,6 +11,16 @@ def _rms(x: jax.Array) -> jax.Array:
     return jnp.sqrt(base.safe_mean(x * x))
 
 
+def _unshared(*xs: jax.Array) -> tuple[jax.Array, ...]:
+    """``xs`` unchanged, as values that XLA cannot merge with other uses of ``xs``.
+
+    Each reduction over ``g * g`` then re-reads ``g`` in a fused pass of its own
+    instead of sharing a materialized full-size ``g * g`` or ``y``: a fresh
+    full-size temporary costs a write and a read more than it saves.
+    """
+    return jax.lax.optimization_barrier(xs)
+
+
 class Adafactor(base.Optimizer):
     """Adafactor: Adam-like steps with a factored second moment and relative size.
 
@@ -169,24 +179,34 @@ class Adafactor(base.Optimizer):
         wd, n, eps1, eps2 = base.hyperparams(opt_params, w.dtype, *names)
         t = base.step_count(step, w.dtype)
         rho = 1 - t ** (-decay_rate)
-        g2 = g * g
+        # One fused pass per reduction (rows and columns of g**2, sum(y**2), w**2)
+        # and one that writes w: neither g**2 nor y is ever stored.
         if self._is_factored(w):
             v_row, v_col = stats
-            v_row = rho * v_row + (1 - rho) * base.safe_mean(g2, axis=-1)
-            v_col = rho * v_col + (1 - rho) * base.safe_mean(g2, axis=-2)
-            row = jnp.sqrt(base.safe_mean(v_row, -1, keepdims=True) / (v_row + eps1))
-            y = g * row[..., None] * jax.lax.rsqrt(v_col + eps1)[..., None, :]
+            (g_col,) = _unshared(g)
+            v_row = rho * v_row + (1 - rho) * base.safe_mean(g * g, axis=-1)
+            v_col = rho * v_col + (1 - rho) * base.safe_mean(g_col * g_col, axis=-2)
+            row2 = base.safe_mean(v_row, -1, keepdims=True) / (v_row + eps1)
+            col = jax.lax.rsqrt(v_col + eps1)
+            y = g * jnp.sqrt(row2)[..., None] * col[..., None, :]
+            # sum(y**2) = sum over rows of row2 * sum(g**2 / (v_col + eps1)).
+            g_y, col2 = _unshared(g, 1 / (v_col + eps1))
+            sum_y2 = jnp.sum(row2 * jnp.sum(g_y * g_y * col2[..., None, :], axis=-1))
             new_stats = [v_row, v_col]
         else:
             (v,) = stats
-            v = rho * v + (1 - rho) * g2
+            v = rho * v + (1 - rho) * g * g
             y = g * jax.lax.rsqrt(v + eps1)
+            (g_y,) = _unshared(g)
+            sum_y2 = jnp.sum(g_y * g_y / (v + eps1))
             new_stats = [v]
+        scale = lr  # clipping and the parameter scale fold into one scalar
         if self._do_clipping:
-            y = y / jnp.maximum(1, _rms(y) / threshold)
-        u = lr * y
+            rms_y = jnp.sqrt(sum_y2 / max(g.size, 1))
+            scale = scale / jnp.maximum(1, rms_y / threshold)
         if self._multiply_by_parameter_scale:
-            u = u * jnp.maximum(_rms(w), eps2)
+            scale = scale * jnp.maximum(_rms(w), eps2)
+        u = scale * y
         new_m = []
         if self._do_momentum:
             u = beta1 * m_old.astype(u.dtype) + (1 - beta1) * u

@@ -40,14 +40,28 @@ def _norm(x: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum(x * x))
 
 
-def _restrict(acc: jax.Array) -> list[jax.Array]:
-    """Per axis ``i``: the max of ``acc`` over every other axis (acc >= 0)."""
-    if acc.ndim <= 1:
-        return [acc]
-    axes = range(acc.ndim)
-    return [
-        jnp.max(acc, axis=tuple(j for j in axes if j != i), initial=0.0) for i in axes
-    ]
+def _accumulate(
+    vs: list[jax.Array], g: jax.Array, b2: jax.Array, c: jax.Array
+) -> tuple[jax.Array, list[jax.Array]]:
+    """``acc = b2 * cover(vs) + c * g**2`` and, per axis ``i``, the max of ``acc``
+    over every other axis (``acc >= 0``).
+
+    Written as ``c * (cover(k * vs) + g**2)`` with ``k = b2 / c`` (``c > 0``), so
+    that no full-size term carries a scalar; each max gets its own copy of ``g``
+    and ``vs`` (an optimization barrier, which XLA cannot merge). Each max is then
+    one fused pass over ``g``, and the full-size ``acc`` is never stored.
+    """
+    vs = [(b2 / c) * v for v in vs]
+    acc = c * (_cover(vs, g.shape) + g * g)
+    if g.ndim <= 1:
+        return acc, [acc]
+    maxes = []
+    copies = jax.lax.optimization_barrier(((g, *vs),) * g.ndim)
+    for i, (g_i, *vs_i) in enumerate(copies):
+        others = tuple(j for j in range(g.ndim) if j != i)
+        x = _cover(vs_i, g.shape) + g_i * g_i
+        maxes.append(c * jnp.max(x, axis=others, initial=0.0))
+    return acc, maxes
 
 
 class SM3(base.Optimizer):
@@ -149,14 +163,15 @@ class SM3(base.Optimizer):
         names = ("learning_rate", "momentum", "second_moment_averaging", "weight_decay")
         lr, b, b2, weight_decay = base.hyperparams(opt_params, w.dtype, *names)
         c = jnp.where(b2 == 1, 1, 1 - b2)
-        acc = b2 * _cover(list(v1s), w.shape) + c * g**2
+        acc, new_v1s = _accumulate(list(v1s), g, b2, c)
         pg = _precondition(acc, g)
         new_v2s = []
         if self._graft:
-            acc2 = _cover(list(v2s), w.shape) + g**2
+            one = jnp.ones_like(c)  # v2 adds g**2 undecayed: b2 = c = 1
+            acc2, new_v2s = _accumulate(list(v2s), g, one, one)
             pg_graft = _precondition(acc2, g)
             pg = pg * _norm(pg_graft) / (_norm(pg) + 1e-16)
-            new_v2s = base.cast_like(_restrict(acc2), list(v2s_old))
+            new_v2s = base.cast_like(new_v2s, list(v2s_old))
         pg = pg + weight_decay * w
         new_m, u = [], pg
         if self._has_momentum:
@@ -168,6 +183,6 @@ class SM3(base.Optimizer):
                 m = pg + b * m
                 u = pg + b * m if self._momentum_type == MomentumType.NESTEROV else m
             new_m = m.astype(m_old.dtype)
-        new_v1s = base.cast_like(_restrict(acc), list(v1s_old))
+        new_v1s = base.cast_like(new_v1s, list(v1s_old))
         w = w - u * lr
         return w.astype(weights.dtype), (new_m, new_v1s, new_v2s)
