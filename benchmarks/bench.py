@@ -1,6 +1,6 @@
 """treeopt vs optax step time on this machine; prints a markdown table.
 
-    python benchmarks/bench.py [--quick] [--json out.json] [--trees ...] [--opts ...]
+python benchmarks/bench.py [--quick | --tiny] [--json PATH] [--trees ...] [--opts ...]
 """
 
 import argparse
@@ -12,11 +12,12 @@ from treeopt import bench
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="about a minute")
+    p.add_argument("--tiny", action="store_true", help="seconds; for the tests")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     p.add_argument("--trees", nargs="+", choices=bench.TREES, default=bench.TREES)
     p.add_argument("--opts", nargs="+", choices=bench.OPTIMIZERS, default=None)
     args = p.parse_args(argv)
-    cfg = bench.config("quick" if args.quick else "full")
+    cfg = bench.config("tiny" if args.tiny else "quick" if args.quick else "full")
     cfg = bench.dataclasses.replace(
         cfg,
         trees={k: v for k, v in cfg.trees.items() if k in args.trees},

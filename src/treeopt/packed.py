@@ -1,18 +1,27 @@
-"""Opt-in packed path: elementwise optimizers over one flat buffer per dtype.
+"""Opt-in packed path: one buffer per group of leaves instead of one per leaf.
 
-A tree of many small leaves costs one kernel per leaf and per operation; packed,
-the same step is one kernel per dtype. ``Packed`` fixes a weight tree's layout
-(leaves grouped by dtype, in flatten order, each raveled and concatenated), keeps
-the optimizer's slots packed between steps, and converts them to and from the
-Trax per-leaf layout exactly (``pack_slots``/``unpack_slots``).
+A tree of many small leaves costs one kernel per leaf and per operation (and as
+much compile time); packed, a step costs a few kernels per group. ``Packed``
+fixes a weight tree's layout and keeps weights, gradients and slots in it:
 
-Only elementwise optimizers are packed (SGD, Adam, Momentum, RMSProp): on them the
-packed step computes the same numbers as ``tree_update``, element for element (up
-to the summation order of the global gradient norm when ``clip_grad_norm`` is set).
+- elementwise optimizers (SGD, Adam, Momentum, RMSProp): one flat buffer per
+  dtype, every leaf raveled and concatenated in flatten order;
+- the others (Adafactor, SM3, any subclass): one stacked buffer per (shape,
+  dtype), updated with ``jax.vmap`` of the per-leaf ``update``, so per-leaf
+  statistics (factored moments, sketches, parameter RMS) stay per leaf.
+
+Either way the packed step computes what ``tree_update`` computes, leaf by leaf;
+``pack_slots``/``unpack_slots`` convert slots to and from the Trax per-leaf layout
+exactly. Keep weights packed between steps (``pack`` once, ``unpack`` inside the
+model: slices fuse into their consumers, and the gradient with respect to the
+packed weights arrives packed) and call ``update``. ``tree_update`` takes and
+returns trees, for convenience: it concatenates and slices every leaf at every
+step, which on thousands of leaves costs more than it saves.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -26,45 +35,40 @@ from treeopt.rms_prop import RMSProp
 
 _ELEMENTWISE = (base.SGD, Adam, Momentum, RMSProp)
 
+PackedBuffers = tuple[jax.Array, ...]
 
-def supports(optimizer: base.Optimizer) -> bool:
-    """Whether ``optimizer`` is elementwise, so that packing cannot change it."""
+
+def is_elementwise(optimizer: base.Optimizer) -> bool:
+    """Whether ``optimizer``'s update is elementwise, so leaves can be concatenated."""
     return type(optimizer) in _ELEMENTWISE
 
 
 class Packed:
-    """An elementwise optimizer run over flat per-dtype buffers of a fixed tree.
+    """An optimizer over the packed layout of a fixed weight tree.
 
-    ``tree_init``/``tree_update`` mirror the optimizer's pure
-    (``store_slots=False``) methods, with packed slots: a tuple with one entry
-    per dtype group, each ``optimizer.init`` of that group's flat buffer.
+    Packed weights, gradients and slots are tuples with one entry per group (see
+    the module docstring); ``layout`` is ``'flat'`` or ``'stacked'``.
     """
 
     def __init__(self, optimizer: base.Optimizer, weight_tree: base.PyTree) -> None:
         """Fixes the layout of ``weight_tree`` (shapes and dtypes; not values).
 
         Args:
-          optimizer: an SGD, Adam, Momentum or RMSProp instance.
+          optimizer: any treeopt optimizer.
           weight_tree: any pytree of float arrays; only its layout is kept.
         """
-        if not supports(optimizer):
-            names = ", ".join(c.__name__ for c in _ELEMENTWISE)
-            raise TypeError(
-                f"Packed supports the elementwise optimizers ({names}), got "
-                f"{type(optimizer).__name__}: its per-leaf statistics would mix "
-                f"leaves in one buffer"
-            )
         self._opt = optimizer
+        self._flat = is_elementwise(optimizer)
         leaves, self._treedef = jax.tree.flatten(weight_tree)
         leaves = [jnp.asarray(x) for x in leaves]
         for path, x in zip(_paths(weight_tree), leaves, strict=True):
             if not jnp.issubdtype(x.dtype, jnp.floating):
                 raise TypeError(f"weight at {path} has dtype {x.dtype}, not float")
         self._shapes = [x.shape for x in leaves]
-        self._dtypes = [jnp.dtype(x.dtype) for x in leaves]
         groups: dict[Any, list[int]] = {}
-        for i, dt in enumerate(self._dtypes):
-            groups.setdefault(dt, []).append(i)
+        for i, x in enumerate(leaves):
+            key = jnp.dtype(x.dtype) if self._flat else (x.shape, jnp.dtype(x.dtype))
+            groups.setdefault(key, []).append(i)
         self._groups = list(groups.values())
         self._offsets = []
         for members in self._groups:
@@ -75,24 +79,36 @@ class Packed:
     def optimizer(self) -> base.Optimizer:
         return self._opt
 
+    @property
+    def layout(self) -> str:
+        return "flat" if self._flat else "stacked"
+
     # ------------------------------------------------------------- layout
 
-    def pack(self, tree: base.PyTree) -> tuple[jax.Array, ...]:
-        """One flat buffer per dtype group of the weight tree's leaves."""
-        leaves = self._leaves(tree, "tree")
-        return tuple(
-            jnp.concatenate([jnp.ravel(leaves[i]) for i in members])
-            for members in self._groups
-        )
+    def _join(self, parts: list[jax.Array]) -> jax.Array:
+        if self._flat:
+            return jnp.concatenate([jnp.ravel(x) for x in parts])
+        return jnp.stack(parts)
 
-    def unpack(self, flats: tuple[jax.Array, ...]) -> base.PyTree:
-        """The tree that ``pack`` flattened (inverse of ``pack``)."""
+    def _split(self, k: int, buf: jax.Array) -> list[jax.Array]:
+        members, offsets = self._groups[k], self._offsets[k]
+        if not self._flat:
+            return [buf[j] for j in range(len(members))]
+        bounds = zip(members, offsets[:-1], offsets[1:], strict=True)
+        return [buf[lo:hi].reshape(self._shapes[i]) for i, lo, hi in bounds]
+
+    def pack(self, tree: base.PyTree) -> PackedBuffers:
+        """The packed buffers of a tree with the weight tree's layout."""
+        leaves = self._leaves(tree, "tree")
+        return tuple(self._join([leaves[i] for i in m]) for m in self._groups)
+
+    def unpack(self, packed: PackedBuffers) -> base.PyTree:
+        """The tree that ``pack`` packed (inverse of ``pack``)."""
+        self._check_groups(packed, "packed buffers")
         leaves: list = [None] * len(self._shapes)
-        for members, offsets, flat in zip(
-            self._groups, self._offsets, flats, strict=True
-        ):
-            for i, lo, hi in zip(members, offsets[:-1], offsets[1:], strict=True):
-                leaves[i] = flat[lo:hi].reshape(self._shapes[i])
+        for k, buf in enumerate(packed):
+            for i, x in zip(self._groups[k], self._split(k, buf), strict=True):
+                leaves[i] = x
         return jax.tree.unflatten(self._treedef, leaves)
 
     def pack_slots(self, slots: tuple) -> tuple:
@@ -105,58 +121,85 @@ class Packed:
         packed = []
         for members in self._groups:
             struct = jax.tree.structure(slots[members[0]])
-            per_leaf = []
             for i in members:
                 if jax.tree.structure(slots[i]) != struct:
                     raise ValueError(
                         f"slots of leaf {i} have structure "
                         f"{jax.tree.structure(slots[i])}, expected {struct}"
                     )
-                per_leaf.append(jax.tree.leaves(slots[i]))
+            per_leaf = [jax.tree.leaves(slots[i]) for i in members]
             columns = [
-                jnp.concatenate([jnp.ravel(col[k]) for col in per_leaf])
-                for k in range(struct.num_leaves)
+                self._join([leaf_slots[c] for leaf_slots in per_leaf])
+                for c in range(struct.num_leaves)
             ]
             packed.append(jax.tree.unflatten(struct, columns))
         return tuple(packed)
 
     def unpack_slots(self, packed_slots: tuple) -> tuple:
         """Packed slots -> the Trax per-leaf layout of ``tree_init``."""
+        self._check_groups(packed_slots, "packed slots")
         slots: list = [None] * len(self._shapes)
-        groups = zip(self._groups, self._offsets, packed_slots, strict=True)
-        for members, offsets, group_slots in groups:
+        for k, group_slots in enumerate(packed_slots):
             columns, struct = jax.tree.flatten(group_slots)
-            for i, lo, hi in zip(members, offsets[:-1], offsets[1:], strict=True):
-                parts = [c[lo:hi].reshape(self._shapes[i]) for c in columns]
-                slots[i] = jax.tree.unflatten(struct, parts)
+            if self._flat:
+                # A flat slot column holds one entry per element of the weights.
+                split = [self._split(k, c) for c in columns]
+            else:
+                split = [[c[j] for j in range(len(self._groups[k]))] for c in columns]
+            for j, i in enumerate(self._groups[k]):
+                slots[i] = jax.tree.unflatten(struct, [parts[j] for parts in split])
         return tuple(slots)
 
     # -------------------------------------------------------------- steps
 
-    def tree_init(self, weight_tree: base.PyTree) -> tuple[tuple, base.OptParams]:
-        """``(packed_slots, opt_params)`` for ``weight_tree``."""
-        slots = tuple(self._opt.init(w) for w in self.pack(weight_tree))
-        return slots, dict(self._opt.opt_params)
+    def _per_group(self, fn: Callable, in_axes: tuple) -> Callable:
+        return fn if self._flat else jax.vmap(fn, in_axes=in_axes)
 
-    def packed_update(
+    def init(self, packed_weights: PackedBuffers) -> tuple[tuple, base.OptParams]:
+        """``(packed_slots, opt_params)`` for packed weights."""
+        self._check_groups(packed_weights, "packed weights")
+        init = self._per_group(self._opt.init, (0,))
+        return tuple(init(w) for w in packed_weights), dict(self._opt.opt_params)
+
+    def tree_init(self, weight_tree: base.PyTree) -> tuple[tuple, base.OptParams]:
+        """``(packed_slots, opt_params)`` for a weight tree."""
+        return self.init(self.pack(weight_tree))
+
+    def update(
         self,
         step: Any,
-        flat_grads: tuple[jax.Array, ...],
-        flat_weights: tuple[jax.Array, ...],
+        packed_grads: PackedBuffers,
+        packed_weights: PackedBuffers,
         slots: tuple,
         opt_params: base.OptParams,
-    ) -> tuple[tuple[jax.Array, ...], tuple, jax.Array]:
-        """One step on packed buffers; returns ``(weights, slots, grad_norm)``."""
-        grad_norm = base.l2_norm(flat_grads)
+        with_metrics: bool = False,
+    ) -> tuple:
+        """One step on packed buffers, as ``tree_update(..., store_slots=False)``.
+
+        Returns ``(packed_weights, packed_slots)``, plus the metrics dict
+        (``gradients_l2`` before clipping, ``weights_l2`` before the step) with
+        ``with_metrics=True``.
+        """
+        for name, x in (("grads", packed_grads), ("weights", packed_weights)):
+            self._check_groups(x, f"packed {name}")
+        self._check_groups(slots, "packed slots")
+        grad_norm = base.l2_norm(packed_grads)
         if self._opt.clip_grad_norm is not None:
             clip = self._opt.clip_grad_norm
-            flat_grads = base._clip_by_norm(flat_grads, clip, grad_norm)
+            packed_grads = base._clip_by_norm(packed_grads, clip, grad_norm)
+        update = self._per_group(self._opt.update, (None, 0, 0, 0, None))
         new_w, new_s = [], []
-        for g, w, s in zip(flat_grads, flat_weights, slots, strict=True):
-            w_new, s_new = self._opt.update(step, g, w, s, opt_params)
+        for g, w, s in zip(packed_grads, packed_weights, slots, strict=True):
+            w_new, s_new = update(step, g, w, s, opt_params)
             new_w.append(w_new.astype(w.dtype))
             new_s.append(base.cast_like(s_new, s))
-        return tuple(new_w), tuple(new_s), grad_norm
+        if not with_metrics:
+            return tuple(new_w), tuple(new_s)
+        metrics = {
+            "gradients_l2": grad_norm,
+            "weights_l2": base.l2_norm(packed_weights),
+        }
+        return tuple(new_w), tuple(new_s), metrics
 
     def tree_update(
         self,
@@ -167,27 +210,27 @@ class Packed:
         opt_params: base.OptParams,
         with_metrics: bool = False,
     ) -> tuple:
-        """Like ``optimizer.tree_update(..., store_slots=False)`` with packed slots.
-
-        Returns ``(new_weight_tree, new_packed_slots)``, plus the metrics dict
-        (``gradients_l2``, ``weights_l2``) with ``with_metrics=True``.
-        """
+        """``update`` taking and returning trees (packs and unpacks every step)."""
         base.check_same_structure("grad_tree", grad_tree, "weight_tree", weight_tree)
-        flat_w = self.pack(weight_tree)
-        flat_g = self.pack(grad_tree)
-        if len(slots) != len(self._groups):
-            raise ValueError(
-                f"packed slots have {len(slots)} groups, expected "
-                f"{len(self._groups)}: slots from another tree or layout?"
-            )
-        new_w, new_slots, grad_norm = self.packed_update(
-            step, flat_g, flat_w, slots, opt_params
+        out = self.update(
+            step,
+            self.pack(grad_tree),
+            self.pack(weight_tree),
+            slots,
+            opt_params,
+            with_metrics,
         )
-        new_tree = self.unpack(new_w)
-        if not with_metrics:
-            return new_tree, new_slots
-        metrics = {"gradients_l2": grad_norm, "weights_l2": base.l2_norm(flat_w)}
-        return new_tree, new_slots, metrics
+        return (self.unpack(out[0]), *out[1:])
+
+    # -------------------------------------------------------------- checks
+
+    def _check_groups(self, packed: Any, name: str) -> None:
+        if not isinstance(packed, tuple | list) or len(packed) != len(self._groups):
+            got = len(packed) if isinstance(packed, tuple | list) else type(packed)
+            raise ValueError(
+                f"{name} must have one entry per group ({len(self._groups)}), got "
+                f"{got}: from another tree, layout or optimizer?"
+            )
 
     def _leaves(self, tree: base.PyTree, name: str) -> list[jax.Array]:
         leaves, treedef = jax.tree.flatten(tree)

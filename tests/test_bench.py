@@ -1,0 +1,95 @@
+"""The benchmark runs end to end in a tiny configuration (structure only, no timing)."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+pytest.importorskip("optax")
+
+from treeopt import bench
+
+SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def tiny_result():
+    cfg = bench.dataclasses.replace(
+        bench.config("tiny"),
+        trees={k: bench.config("tiny").trees[k] for k in ("many_small",)},
+    )
+    return bench.run(cfg)
+
+
+def test_every_row_has_both_libraries_and_consistent_numbers(tiny_result):
+    rows = tiny_result["rows"]
+    assert [(r["tree"], r["optimizer"]) for r in rows] == [
+        ("many_small", o) for o in bench.OPTIMIZERS
+    ]
+    for row in rows:
+        assert "error" not in row, row
+        assert row["n_leaves"] == 12
+        assert row["param_bytes"] == 4 * row["n_params"]
+        variants = {"treeopt", "optax", "packed"}
+        # The packed layout holds the same slots, only regrouped.
+        assert row["packed"]["state_bytes"] == row["treeopt"]["state_bytes"]
+        for v in variants:
+            rec = row[v]
+            assert rec["ms"] > 0 and rec["compile_s"] > 0 and rec["bound_ms"] > 0
+            moved = 3 * row["param_bytes"] + 2 * rec["state_bytes"]
+            expected_bound = 1e3 * moved / (tiny_result["bandwidth_gbs"] * 1e9)
+            assert rec["bound_ms"] == pytest.approx(expected_bound)
+            assert rec["pct_of_bound"] == pytest.approx(
+                100 * rec["bound_ms"] / rec["ms"]
+            )
+        assert row["ratio"] == pytest.approx(row["treeopt"]["ms"] / row["optax"]["ms"])
+
+
+def test_state_bytes_follow_the_slot_layouts(tiny_result):
+    by_opt = {r["optimizer"]: r for r in tiny_result["rows"]}
+    p = by_opt["adam"]["param_bytes"]
+    assert by_opt["sgd"]["treeopt"]["state_bytes"] == 0
+    assert by_opt["adam"]["treeopt"]["state_bytes"] == 2 * p
+    assert by_opt["momentum"]["treeopt"]["state_bytes"] == p
+    assert by_opt["rmsprop"]["packed"]["state_bytes"] == p
+    # Factored statistics are far smaller than the parameters.
+    assert 0 < by_opt["adafactor"]["treeopt"]["state_bytes"] < p
+
+
+def test_markdown_and_json_outputs(tiny_result):
+    md = bench.to_markdown(tiny_result)
+    table = [line for line in md.splitlines() if line.startswith("| many_small (12")]
+    assert len(table) == len(bench.OPTIMIZERS)
+    assert all(line.count("|") == 12 for line in table)
+    assert json.loads(bench.to_json(tiny_result))["rows"][0]["optimizer"] == "sgd"
+
+
+def test_failing_row_is_recorded_and_budget_skips_rows():
+    cfg = bench.Config(
+        trees={"t": {"w": (8, 8)}},
+        rows=[("t", "no_such_optimizer"), ("t", "sgd")],
+        rounds=1,
+        steps_per_round=1,
+        bandwidth_elements=1 << 10,
+    )
+    failed, ok = bench.run(cfg)["rows"]
+    assert "no_such_optimizer" in failed["error"]
+    assert "error" not in ok and ok["treeopt"]["ms"] > 0
+    skipped = bench.run(bench.dataclasses.replace(cfg, budget_s=0.0))["rows"]
+    assert [r["error"] for r in skipped] == ["skipped: budget"] * 2
+
+
+def test_script_writes_table_and_json(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "r.json"
+    assert (
+        script.main(
+            ["--tiny", "--trees", "one_big", "--opts", "sgd", "--json", str(out)]
+        )
+        == 0
+    )
+    assert "| one_big (1 leaves, 0.0M) | sgd |" in capsys.readouterr().out
+    assert json.loads(out.read_text())["rows"][0]["tree"] == "one_big"
