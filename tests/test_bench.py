@@ -93,3 +93,10 @@ def test_script_writes_table_and_json(tmp_path, capsys):
     )
     assert "| one_big (1 leaves, 0.0M) | sgd |" in capsys.readouterr().out
     assert json.loads(out.read_text())["rows"][0]["tree"] == "one_big"
+
+
+def test_cli_bench_rejects_unknown_optimizer(capsys):
+    from treeopt import cli
+
+    assert cli.main(["bench", "--optimizers", "adam,lion"]) == 2
+    assert "unknown optimizer 'lion'" in capsys.readouterr().err

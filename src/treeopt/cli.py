@@ -146,6 +146,46 @@ def _demo(args: argparse.Namespace) -> None:
     )
 
 
+def _add_bench(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="step time and optimizer memory against optax on this machine",
+        description="Times every optimizer against the closest optax configuration "
+        "(interleaved, medians) on three trees and prints a markdown table.",
+        formatter_class=_Help,
+    )
+    p.add_argument("--quick", action="store_true", help="about a minute")
+    p.add_argument("--json", type=Path, default=None, help="also write JSON here")
+    p.add_argument(
+        "--optimizers",
+        type=lambda t: tuple(n.strip().lower() for n in t.split(",") if n.strip()),
+        default=None,
+        help="comma-separated subset (default: all)",
+    )
+    p.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    try:
+        import optax  # noqa: F401
+    except ImportError:
+        msg = "bench compares with optax: pip install 'treeopt[optax]'"
+        raise UsageError(msg) from None
+    from treeopt import bench
+
+    names = args.optimizers or bench.OPTIMIZERS
+    unknown = [n for n in names if n not in bench.OPTIMIZERS]
+    if unknown:
+        choices = ", ".join(bench.OPTIMIZERS)
+        raise UsageError(f"unknown optimizer {unknown[0]!r}; choose from {choices}")
+    cfg = bench.config("quick" if args.quick else "full")
+    cfg = bench.dataclasses.replace(cfg, optimizers=names)
+    result = bench.run(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(bench.to_markdown(result))
+    if args.json is not None:
+        args.json.write_text(bench.to_json(result))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``treeopt`` with ``argv`` (default: ``sys.argv[1:]``); returns the
     exit status."""
@@ -157,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dest="command", required=True, parser_class=_Parser
     )
     _add_demo(subparsers)
+    _add_bench(subparsers)
     args = parser.parse_args(argv)
     try:
         args.func(args)
