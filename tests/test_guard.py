@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import treeopt
+from treeopt import schedules
 from treeopt.guard import SKIPPED, all_finite
 from treeopt.optax import to_optax
 
@@ -236,3 +237,32 @@ def test_trainer_reports_the_skip():
     _, metrics = trainer.one_step(jnp.asarray([jnp.nan, 1.0, 1.0]), jax.random.key(0))
     assert int(metrics[SKIPPED]) == 1
     _assert_bitwise(trainer.weights, before, "trainer")
+
+
+def test_trainer_with_guard_equals_a_trainer_that_never_saw_the_bad_batches():
+    def loss_fn(w, batch, rng):
+        del rng
+        return jnp.sum((w["w"] - batch) ** 2)
+
+    batches = [jnp.asarray([1.0, 2.0, 3.0]) * (k + 1) for k in range(6)]
+    bad = {1: jnp.nan, 4: jnp.inf}
+    opt = treeopt.Adafactor(learning_rate=0.1, do_momentum=True, beta1=0.5)
+    sched = schedules.linear_warmup(0.1, warmup_steps=3)
+    guarded = treeopt.Trainer(
+        loss_fn, treeopt.SkipNonFinite(opt), {"w": jnp.ones(3)}, sched
+    )
+    clean = treeopt.Trainer(loss_fn, opt, {"w": jnp.ones(3)}, sched)
+    for k, batch in enumerate(batches):
+        if k in bad:
+            _, m = guarded.one_step(batch.at[0].set(bad[k]), jax.random.key(0))
+            assert int(m[SKIPPED]) == 1
+        else:
+            guarded.one_step(batch, jax.random.key(0))
+            clean.one_step(batch, jax.random.key(0))
+    assert int(guarded.skipped_nonfinite) == 2
+    assert guarded.step == 6 and clean.step == 4
+    np.testing.assert_allclose(guarded.weights["w"], clean.weights["w"], rtol=1e-6)
+    for a, b in zip(
+        jax.tree.leaves(guarded.slots), jax.tree.leaves(clean.slots), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-6)

@@ -124,12 +124,11 @@ def safe_mean(x: jax.Array, axis: Any = None, keepdims: bool = False) -> jax.Arr
 # ------------------------------------------------------------ tree helpers
 
 
-def _is_tracer(x: Any) -> bool:
-    return isinstance(x, jax.core.Tracer)
-
-
-def _any_tracer(*trees: Any) -> bool:
-    return any(_is_tracer(x) for t in trees for x in jax.tree.leaves(t))
+def check_not_tracing(fn: str, *trees: Any) -> None:
+    """Raises if any leaf of ``trees`` is a tracer: ``fn(..., store_slots=True)``
+    must not store traced slots on the optimizer object."""
+    if any(isinstance(x, jax.core.Tracer) for t in trees for x in jax.tree.leaves(t)):
+        raise RuntimeError(_STORE_UNDER_JIT.format(fn=fn))
 
 
 def _as_weight(path: Any, x: Any) -> jax.Array:
@@ -310,8 +309,8 @@ class Optimizer:
         when called under ``jax.jit``).
         """
         _, leaves, _ = _flatten_weights(weight_tree)
-        if store_slots and _any_tracer(leaves):
-            raise RuntimeError(_STORE_UNDER_JIT.format(fn="tree_init"))
+        if store_slots:
+            check_not_tracing("tree_init", leaves)
         slots = tuple(self.init(w) for w in leaves)
         if store_slots:
             self._slots = slots
@@ -335,8 +334,10 @@ class Optimizer:
         With ``store_slots=False`` this is a pure function, usable under
         ``jax.jit``, ``vmap`` and sharding.
         """
-        if store_slots and _any_tracer(grad_tree, weight_tree, slots, opt_params, step):
-            raise RuntimeError(_STORE_UNDER_JIT.format(fn="tree_update"))
+        if store_slots:
+            check_not_tracing(
+                "tree_update", grad_tree, weight_tree, slots, opt_params, step
+            )
         paths, weights, treedef = _flatten_weights(weight_tree)
         check_same_structure("grad_tree", grad_tree, "weight_tree", weight_tree)
         grads = [jnp.asarray(g) for g in jax.tree.leaves(grad_tree)]

@@ -98,8 +98,7 @@ class SkipNonFinite(base.Optimizer):
     ) -> tuple[tuple, base.OptParams]:
         slots, opt_params = self._inner.tree_init(weight_tree, store_slots=False)
         if store_slots:
-            if base._any_tracer(slots):
-                raise RuntimeError(base._STORE_UNDER_JIT.format(fn="tree_init"))
+            base.check_not_tracing("tree_init", slots)
             self._slots = slots
         return slots, opt_params
 
@@ -115,10 +114,10 @@ class SkipNonFinite(base.Optimizer):
     ) -> tuple[base.PyTree, tuple] | tuple[base.PyTree, tuple, dict[str, jax.Array]]:
         """The wrapped ``tree_update``, or the inputs unchanged if any gradient
         element is NaN or Inf; see the class docstring."""
-        if store_slots and base._any_tracer(
-            grad_tree, weight_tree, slots, opt_params, step
-        ):
-            raise RuntimeError(base._STORE_UNDER_JIT.format(fn="tree_update"))
+        if store_slots:
+            base.check_not_tracing(
+                "tree_update", grad_tree, weight_tree, slots, opt_params, step
+            )
         new_weights, new_slots, metrics = self._inner.tree_update(
             step,
             grad_tree,

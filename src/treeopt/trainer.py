@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from treeopt import base, sharding
+from treeopt.guard import SKIPPED
 
 LossFn = Callable[[base.PyTree, Any, jax.Array], Any]
 
@@ -42,6 +43,12 @@ class Trainer:
     ``jax.jit`` that donates the old weights and slots. ``step`` and
     ``opt_params`` are traced arguments, so new step numbers and learning rates
     never recompile.
+
+    With ``treeopt.SkipNonFinite``, a step whose gradients hold NaN or Inf
+    changes nothing and does not advance the optimizer's step (nor the
+    schedule): the run equals one that omitted that batch. The total is kept in
+    ``skipped_nonfinite`` (a device int, no host round trip) and reported as
+    ``metrics['skipped_nonfinite_total']``.
 
     Steps count from 0 (the first update gets step 0), as in ``tree_update``.
     Trax's training loop gave step 1 to the first update, which shifts Adam's
@@ -102,6 +109,7 @@ class Trainer:
             )
             loss_fn = self._layout.gathered(loss_fn)
         self.step = first_step
+        self.skipped_nonfinite = jnp.zeros((), jnp.int32)
         self._loss_and_aux = _loss_and_aux(loss_fn)
         self._jit_step = jax.jit(self._train_step, donate_argnums=(0, 1))
 
@@ -111,11 +119,13 @@ class Trainer:
         slots: tuple,
         opt_params: base.OptParams,
         step: jax.Array,
+        skipped: jax.Array,
         batch: Any,
         rng: jax.Array,
         learning_rate: jax.Array | None,
     ) -> tuple:
         """The pure step: loss, gradients, learning rate, ``tree_update``."""
+        step = step - skipped  # skipped steps never happened for the optimizer
         grad_fn = jax.value_and_grad(self._loss_and_aux, has_aux=True)
         (loss, aux), grads = grad_fn(weights, batch, rng)
         opt_params = dict(opt_params)
@@ -140,6 +150,8 @@ class Trainer:
             **metrics,
             "learning_rate": opt_params["learning_rate"],
         }
+        if SKIPPED in metrics:
+            metrics["skipped_nonfinite_total"] = skipped + metrics[SKIPPED]
         if aux is not None:
             metrics["aux"] = aux
         return weights, slots, opt_params, metrics
@@ -170,9 +182,12 @@ class Trainer:
             self.slots,
             self.opt_params,
             jnp.asarray(step, jnp.int32),
+            self.skipped_nonfinite,
             batch,
             rng,
             lr,
         )
         self.step = step + 1
+        if SKIPPED in metrics:
+            self.skipped_nonfinite = metrics["skipped_nonfinite_total"]
         return metrics["loss"], metrics
