@@ -152,14 +152,28 @@ class Packed:
 
     # -------------------------------------------------------------- steps
 
-    def _per_group(self, fn: Callable, in_axes: tuple) -> Callable:
-        return fn if self._flat else jax.vmap(fn, in_axes=in_axes)
+    def _apply(self, k: int, fn: Callable, in_axes: tuple, *args: Any) -> Any:
+        """``fn`` on group ``k``: direct if flat, else vmapped over the stack."""
+        if self._flat:
+            return fn(*args)
+        if len(self._groups[k]) > 1:
+            return jax.vmap(fn, in_axes=in_axes)(*args)
+        # A stack of one: call fn on the leaf itself (the same numbers), which
+        # keeps its reductions in the form XLA fuses best.
+        args = [
+            a if ax is None else jax.tree.map(lambda x: x[0], a)
+            for a, ax in zip(args, in_axes, strict=True)
+        ]
+        return jax.tree.map(lambda x: x[None], fn(*args))
 
     def init(self, packed_weights: PackedBuffers) -> tuple[tuple, base.OptParams]:
         """``(packed_slots, opt_params)`` for packed weights."""
         self._check_groups(packed_weights, "packed weights")
-        init = self._per_group(self._opt.init, (0,))
-        return tuple(init(w) for w in packed_weights), dict(self._opt.opt_params)
+        slots = tuple(
+            self._apply(k, self._opt.init, (0,), w)
+            for k, w in enumerate(packed_weights)
+        )
+        return slots, dict(self._opt.opt_params)
 
     def tree_init(self, weight_tree: base.PyTree) -> tuple[tuple, base.OptParams]:
         """``(packed_slots, opt_params)`` for a weight tree."""
@@ -187,10 +201,13 @@ class Packed:
         if self._opt.clip_grad_norm is not None:
             clip = self._opt.clip_grad_norm
             packed_grads = base._clip_by_norm(packed_grads, clip, grad_norm)
-        update = self._per_group(self._opt.update, (None, 0, 0, 0, None))
+        axes = (None, 0, 0, 0, None)
         new_w, new_s = [], []
-        for g, w, s in zip(packed_grads, packed_weights, slots, strict=True):
-            w_new, s_new = update(step, g, w, s, opt_params)
+        groups = zip(packed_grads, packed_weights, slots, strict=True)
+        for k, (g, w, s) in enumerate(groups):
+            w_new, s_new = self._apply(
+                k, self._opt.update, axes, step, g, w, s, opt_params
+            )
             new_w.append(w_new.astype(w.dtype))
             new_s.append(base.cast_like(s_new, s))
         if not with_metrics:
