@@ -101,3 +101,16 @@ def test_cli_bench_rejects_unknown_optimizer(capsys):
 
     assert cli.main(["bench", "--optimizers", "adam,lion"]) == 2
     assert "unknown optimizer 'lion'" in capsys.readouterr().err
+
+
+def test_profile_counts_kernels_and_bytes(tiny_result):
+    rows = {r["optimizer"]: r for r in tiny_result["profile"]["rows"]}
+    assert set(rows) == set(bench.OPTIMIZERS)
+    # SGD is one kernel reading w and g and writing w, in both libraries.
+    for lib in ("treeopt", "optax"):
+        assert rows["sgd"][lib] == {"kernels": 1, "bytes": 12}
+    for r in rows.values():
+        for lib in ("treeopt", "optax"):
+            assert r[lib]["bytes"] >= r["ideal_bytes"] > 0
+    assert rows["adam"]["ideal_bytes"] == 28
+    assert "ideal B/param" in bench.to_markdown(tiny_result)

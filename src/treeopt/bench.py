@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -166,6 +167,8 @@ class Config:
     rows: Sequence[tuple[str, str]] | None = None
     # No row starts after this many seconds (the rows run so far are kept).
     budget_s: float = float("inf")
+    # One leaf of this shape is profiled (kernels, bytes per parameter); None: no.
+    profile_shape: tuple[int, ...] | None = (4096, 4096)
 
     def row_order(self) -> list[tuple[str, str]]:
         if self.rows is not None:
@@ -193,7 +196,13 @@ def config(name: str) -> Config:
             "many_small": many_small_shapes(12),
             "one_big": one_big_shapes(64),
         }
-        return Config(tiny, rounds=2, steps_per_round=1, bandwidth_elements=1 << 16)
+        return Config(
+            tiny,
+            rounds=2,
+            steps_per_round=1,
+            bandwidth_elements=1 << 16,
+            profile_shape=(32, 64),
+        )
     raise ValueError(f"config must be 'full', 'quick' or 'tiny', got {name!r}")
 
 
@@ -373,6 +382,11 @@ def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
         result["rows"].append(row)
         if log is not None:
             log(_row_summary(row))
+    if cfg.profile_shape is not None:
+        result["profile"] = {
+            "shape": list(cfg.profile_shape),
+            "rows": profile_leaf(cfg.profile_shape),
+        }
     result["wall_s"] = time.perf_counter() - start
     return result
 
@@ -409,6 +423,97 @@ def _row_summary(row: dict) -> str:
     if "packed" in row:
         s += f"  packed {row['packed']['ms']:8.3f} ms ({row['packed_ratio']:.2f})"
     return s + f"  [{row['wall_s']:.1f} s]"
+
+
+# ----------------------------------------------------------------- profile
+
+_INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\S+?)(?:\{[^}]*\})? (\w[\w-]*)\((.*?)\)")
+
+
+def hlo_passes(compiled_text: str, shape: tuple[int, ...]) -> list[tuple[str, int]]:
+    """The kernels of a compiled step that touch full-size (``shape``) arrays.
+
+    Reads the optimized HLO's entry computation; returns ``(name, n)`` per kernel
+    (fusion, copy, ...) whose output or operands have ``shape``, ``n`` being how
+    many full-size arrays it reads plus writes.
+    """
+    full = "[" + ",".join(map(str, shape)) + "]"
+    entry = compiled_text[compiled_text.index("\nENTRY") :]
+    shapes: dict[str, str] = {}
+    passes = []
+    for line in entry.splitlines():
+        m = _INSTR.match(line)
+        if m is None:
+            continue
+        name, out_shape, op, operands = m.groups()
+        shapes[name] = out_shape
+        if op in ("parameter", "tuple", "get-tuple-element", "bitcast", "constant"):
+            continue
+        n_in = sum(
+            shapes.get(x.strip().lstrip("%"), "").endswith(full)
+            for x in re.sub(r"/\*.*?\*/", "", operands).split(",")
+        )
+        n_out = out_shape.endswith(full)
+        if n_in or n_out:
+            passes.append((name, n_in + n_out))
+    return passes
+
+
+def profile_leaf(shape: tuple[int, ...] = (4096, 4096)) -> list[dict]:
+    """Per optimizer, on one float32 leaf of ``shape``: the full-size kernels of
+    the compiled treeopt and optax steps and the bytes per parameter they move,
+    against the ideal (each array read once, each output written once)."""
+    import optax
+
+    rows = []
+    params = {"w": jnp.zeros(shape, jnp.float32)}
+    for name, (make_treeopt, make_optax) in _optax_configs().items():
+        opt, tx = make_treeopt(), make_optax()
+        slots, opt_params = opt.tree_init(params, store_slots=False)
+
+        def treeopt_step(step, p, s, g, o, opt=opt):
+            return opt.tree_update(step, g, p, s, o, store_slots=False)
+
+        def optax_step(p, s, g, tx=tx):
+            updates, s = tx.update(g, s, p)
+            return optax.apply_updates(p, updates), s
+
+        texts = {
+            "treeopt": jax.jit(treeopt_step, donate_argnums=(1, 2))
+            .lower(jnp.int32(0), params, slots, params, opt_params)
+            .compile()
+            .as_text(),
+            "optax": jax.jit(optax_step, donate_argnums=(0, 1))
+            .lower(params, tx.init(params), params)
+            .compile()
+            .as_text(),
+        }
+        full_slots = sum(x.shape == shape for x in jax.tree.leaves(slots))
+        row = {"optimizer": name, "ideal_bytes": 4 * (3 + 2 * full_slots)}
+        for lib, text in texts.items():
+            passes = hlo_passes(text, shape)
+            row[lib] = {"kernels": len(passes), "bytes": 4 * sum(n for _, n in passes)}
+        rows.append(row)
+    return rows
+
+
+def profile_markdown(rows: list[dict], shape: tuple[int, ...]) -> str:
+    """``profile_leaf`` as a markdown table."""
+    lines = [
+        f"Full-size kernels and bytes moved per parameter, one {shape} float32 leaf "
+        "(from the compiled HLO):",
+        "",
+        "| optimizer | ideal B/param | treeopt kernels | treeopt B/param | optax "
+        "kernels | optax B/param |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        t, o = r["treeopt"], r["optax"]
+        lines.append(
+            f"| {r['optimizer']} | {r['ideal_bytes']} | {t['kernels']} | {t['bytes']} "
+            f"| {o['kernels']} | {o['bytes']} |"
+        )
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ output
@@ -454,6 +559,9 @@ def to_markdown(result: dict) -> str:
             + f" | {_mb(t['state_bytes'])} / {_mb(o['state_bytes'])} / "
             f"{_mb(row['param_bytes'])} |"
         )
+    if "profile" in result:
+        shape = tuple(result["profile"]["shape"])
+        lines += ["", profile_markdown(result["profile"]["rows"], shape)]
     return "\n".join(lines)
 
 

@@ -8,7 +8,8 @@ fixes a weight tree's layout and keeps weights, gradients and slots in it:
   dtype, every leaf raveled and concatenated in flatten order;
 - the others (Adafactor, SM3, any subclass): one stacked buffer per (shape,
   dtype), updated with ``jax.vmap`` of the per-leaf ``update``, so per-leaf
-  statistics (factored moments, sketches, parameter RMS) stay per leaf.
+  statistics (factored moments, sketches, parameter RMS) stay per leaf; a leaf
+  whose shape and dtype no other leaf has stays as it is.
 
 Either way the packed step computes what ``tree_update`` computes, leaf by leaf;
 ``pack_slots``/``unpack_slots`` convert slots to and from the Trax per-leaf layout
@@ -88,12 +89,13 @@ class Packed:
     def _join(self, parts: list[jax.Array]) -> jax.Array:
         if self._flat:
             return jnp.concatenate([jnp.ravel(x) for x in parts])
-        return jnp.stack(parts)
+        # A leaf alone in its group is kept as it is: no stack axis, no copies.
+        return jnp.stack(parts) if len(parts) > 1 else jnp.asarray(parts[0])
 
     def _split(self, k: int, buf: jax.Array) -> list[jax.Array]:
         members, offsets = self._groups[k], self._offsets[k]
         if not self._flat:
-            return [buf[j] for j in range(len(members))]
+            return [buf[j] for j in range(len(members))] if len(members) > 1 else [buf]
         bounds = zip(members, offsets[:-1], offsets[1:], strict=True)
         return [buf[lo:hi].reshape(self._shapes[i]) for i, lo, hi in bounds]
 
@@ -141,11 +143,9 @@ class Packed:
         slots: list = [None] * len(self._shapes)
         for k, group_slots in enumerate(packed_slots):
             columns, struct = jax.tree.flatten(group_slots)
-            if self._flat:
-                # A flat slot column holds one entry per element of the weights.
-                split = [self._split(k, c) for c in columns]
-            else:
-                split = [[c[j] for j in range(len(self._groups[k]))] for c in columns]
+            # Flat: a slot column holds one entry per element of the weights.
+            # Stacked: one slot leaf per weight leaf, along the stack axis.
+            split = [self._split(k, c) for c in columns]
             for j, i in enumerate(self._groups[k]):
                 slots[i] = jax.tree.unflatten(struct, [parts[j] for parts in split])
         return tuple(slots)
@@ -153,18 +153,10 @@ class Packed:
     # -------------------------------------------------------------- steps
 
     def _apply(self, k: int, fn: Callable, in_axes: tuple, *args: Any) -> Any:
-        """``fn`` on group ``k``: direct if flat, else vmapped over the stack."""
-        if self._flat:
+        """``fn`` on group ``k``: vmapped over a stack, else direct."""
+        if self._flat or len(self._groups[k]) == 1:
             return fn(*args)
-        if len(self._groups[k]) > 1:
-            return jax.vmap(fn, in_axes=in_axes)(*args)
-        # A stack of one: call fn on the leaf itself (the same numbers), which
-        # keeps its reductions in the form XLA fuses best.
-        args = [
-            a if ax is None else jax.tree.map(lambda x: x[0], a)
-            for a, ax in zip(args, in_axes, strict=True)
-        ]
-        return jax.tree.map(lambda x: x[None], fn(*args))
+        return jax.vmap(fn, in_axes=in_axes)(*args)
 
     def init(self, packed_weights: PackedBuffers) -> tuple[tuple, base.OptParams]:
         """``(packed_slots, opt_params)`` for packed weights."""
