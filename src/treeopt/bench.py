@@ -186,10 +186,10 @@ def config(name: str) -> Config:
     if name == "full":
         return Config(trees, rounds=15, steps_per_round=4)
     if name == "quick":
-        # A quarter of the small leaves: compiling optax's Adafactor and SM3 for
+        # An eighth of the small leaves: compiling optax's Adafactor and SM3 for
         # 2000 leaves alone takes minutes on a busy 2-core machine.
-        trees["many_small"] = many_small_shapes(500)
-        return Config(trees, rounds=5, steps_per_round=2)
+        trees["many_small"] = many_small_shapes(250)
+        return Config(trees, rounds=4, steps_per_round=2)
     if name == "tiny":
         tiny = {
             "transformer": transformer_shapes(32, 2, 64, 16, 4),
