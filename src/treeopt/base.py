@@ -192,7 +192,10 @@ def l2_norm(tree: PyTree) -> jax.Array:
     return jnp.sqrt(sum(sums[1:], sums[0]))
 
 
-def _clip_by_norm(grad_tree: PyTree, max_norm: ArrayLike, norm: jax.Array) -> PyTree:
+def clip_to_norm(grad_tree: PyTree, max_norm: ArrayLike, norm: jax.Array) -> PyTree:
+    """``clip_grads`` given the tree's precomputed global ``norm``: scales by
+    ``max_norm / norm`` when ``norm >= max_norm``, in float32 at least, and keeps
+    each leaf's dtype."""
     scale = jnp.where(norm < max_norm, 1.0, max_norm / norm).astype(norm.dtype)
 
     def clip(g: jax.Array) -> jax.Array:
@@ -209,7 +212,7 @@ def clip_grads(grad_tree: PyTree, max_norm: ArrayLike) -> PyTree:
     Unlike Trax 1.4.1 (whose ``clip_grads`` always raised), this works.
     """
     check_positive("max_norm", max_norm)
-    return _clip_by_norm(grad_tree, max_norm, l2_norm(grad_tree))
+    return clip_to_norm(grad_tree, max_norm, l2_norm(grad_tree))
 
 
 # ---------------------------------------------------------------- Optimizer
@@ -346,7 +349,7 @@ class Optimizer:
 
         grad_norm = l2_norm(grads)
         if self._clip_grad_norm is not None:
-            grads = _clip_by_norm(grads, self._clip_grad_norm, grad_norm)
+            grads = clip_to_norm(grads, self._clip_grad_norm, grad_norm)
         new_weights, new_slots = [], []
         for g, w, s in zip(grads, weights, slots, strict=True):
             w_new, s_new = self.update(step, g, w, s, opt_params)

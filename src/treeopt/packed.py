@@ -192,7 +192,7 @@ class Packed:
         grad_norm = base.l2_norm(packed_grads)
         if self._opt.clip_grad_norm is not None:
             clip = self._opt.clip_grad_norm
-            packed_grads = base._clip_by_norm(packed_grads, clip, grad_norm)
+            packed_grads = base.clip_to_norm(packed_grads, clip, grad_norm)
         axes = (None, 0, 0, 0, None)
         new_w, new_s = [], []
         groups = zip(packed_grads, packed_weights, slots, strict=True)
