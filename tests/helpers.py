@@ -36,6 +36,17 @@ def run_treeopt(opt, weights, grads_per_step, start_step=0, jit=True):
     return w, slots
 
 
+def run_optax(tx, weights, grads_per_step):
+    """Runs an optax transformation over a list of leaves; returns the weights."""
+    import optax
+
+    params, state = list(weights), tx.init(list(weights))
+    for grads in grads_per_step:
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
 def assert_tree_close(actual, expected, rtol, atol=0.0, what=""):
     """Compares two trees leaf by leaf, requiring the same structure."""
     a_leaves, a_def = jax.tree.flatten(actual)

@@ -8,7 +8,7 @@ import pytest
 import treeopt
 
 import reference
-from helpers import random_grads, random_leaves, run_treeopt
+from helpers import random_grads, random_leaves, run_optax, run_treeopt
 
 
 def test_golden_step():
@@ -40,10 +40,7 @@ def test_matches_optax_adam_and_adamw(weight_decay_rate):
     w, _ = run_treeopt(opt, weights, grads)
     # treeopt decays (1 - wd) w; optax.adamw subtracts lr * wd' * w: wd' = wd / lr.
     tx = optax.adamw(lr, b1, b2, eps, weight_decay=weight_decay_rate / lr)
-    params, state = list(weights), tx.init(list(weights))
-    for g in grads:
-        updates, state = tx.update(g, state, params)
-        params = optax.apply_updates(params, updates)
+    params = run_optax(tx, weights, grads)
     for a, b in zip(w, params, strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-6)
 

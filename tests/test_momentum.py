@@ -7,7 +7,7 @@ import pytest
 
 import treeopt
 
-from helpers import random_grads, random_leaves, run_treeopt
+from helpers import random_grads, random_leaves, run_optax, run_treeopt
 
 
 @pytest.mark.parametrize(("nesterov", "expected"), [(True, 0.81), (False, 0.9)])
@@ -35,10 +35,7 @@ def test_matches_optax_sgd_momentum(nesterov):
     opt = treeopt.Momentum(0.1, mass=0.8, weight_decay_rate=0.0, nesterov=nesterov)
     w, _ = run_treeopt(opt, weights, grads)
     tx = optax.sgd(0.1, momentum=0.8, nesterov=nesterov)
-    params, state = list(weights), tx.init(list(weights))
-    for g in grads:
-        updates, state = tx.update(g, state, params)
-        params = optax.apply_updates(params, updates)
+    params = run_optax(tx, weights, grads)
     for a, b in zip(w, params, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 

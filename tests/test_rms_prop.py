@@ -7,7 +7,7 @@ import pytest
 
 import treeopt
 
-from helpers import random_grads, random_leaves, run_treeopt
+from helpers import random_grads, random_leaves, run_optax, run_treeopt
 
 
 def test_golden_step():
@@ -30,10 +30,7 @@ def test_matches_optax_rmsprop_with_initial_scale_one():
     weights, grads = random_leaves(13), random_grads(14, steps=6)
     w, _ = run_treeopt(treeopt.RMSProp(0.05, gamma=0.8, eps=1e-6), weights, grads)
     tx = optax.rmsprop(0.05, decay=0.8, eps=1e-6, initial_scale=1.0, eps_in_sqrt=False)
-    params, state = list(weights), tx.init(list(weights))
-    for g in grads:
-        updates, state = tx.update(g, state, params)
-        params = optax.apply_updates(params, updates)
+    params = run_optax(tx, weights, grads)
     for a, b in zip(w, params, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 

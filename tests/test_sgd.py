@@ -7,7 +7,7 @@ import pytest
 
 import treeopt
 
-from helpers import random_grads, random_leaves, run_treeopt
+from helpers import random_grads, random_leaves, run_optax, run_treeopt
 
 
 def test_golden_step():
@@ -32,10 +32,7 @@ def test_matches_optax_sgd(clip):
     tx = optax.sgd(0.1)
     if clip is not None:
         tx = optax.chain(optax.clip_by_global_norm(clip), tx)
-    params, state = list(weights), tx.init(list(weights))
-    for g in grads:
-        updates, state = tx.update(g, state, params)
-        params = optax.apply_updates(params, updates)
+    params = run_optax(tx, weights, grads)
     for a, b in zip(w, params, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
