@@ -19,7 +19,7 @@ def test_data_parallel_example_matches_one_device(flags):
             sys.executable,
             str(ROOT / "examples" / "data_parallel.py"),
             "--steps",
-            "6",
+            "7",
             *flags,
         ],
         capture_output=True,
