@@ -63,7 +63,13 @@ CASES = [
         },
         "adafactor-none-options",
     ),
+    (
+        treeopt.Adafactor,
+        {"learning_rate": 0.5, "clip_grad_norm": 0.5},
+        "adafactor-global-clip",
+    ),
     (treeopt.SM3, {"learning_rate": 0.1}, "sm3-ema"),
+    (treeopt.SM3, {"learning_rate": 0.1, "clip_grad_norm": 0.5}, "sm3-clip"),
     (
         treeopt.SM3,
         {"learning_rate": 0.1, "momentum_type": MomentumType.HEAVY_BALL},

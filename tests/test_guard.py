@@ -266,3 +266,6 @@ def test_trainer_with_guard_equals_a_trainer_that_never_saw_the_bad_batches():
         jax.tree.leaves(guarded.slots), jax.tree.leaves(clean.slots), strict=True
     ):
         np.testing.assert_allclose(a, b, rtol=1e-6)
+    # An explicit step is used as given, skipped steps or not.
+    _, m = guarded.one_step(batches[0], jax.random.key(0), step=1)
+    np.testing.assert_allclose(m["learning_rate"], sched(1), rtol=1e-7)

@@ -239,3 +239,30 @@ def test_mismatched_inputs_raise_clear_errors():
         pk.pack_slots(slots[:1])
     with pytest.raises(TypeError, match="float"):
         packed.Packed(treeopt.SGD(), {"i": jnp.ones((2,), jnp.int32)})
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "_id"), ONE_PER_CLASS, ids=[c[2] for c in ONE_PER_CLASS]
+)
+def test_guarded_packed_step_skips_the_whole_step_like_tree_update(cls, kwargs, _id):
+    opt = treeopt.SkipNonFinite(cls(**kwargs))
+    w = mixed_tree(30)
+    p = packed.Packed(opt, w)
+    assert p.layout == packed.Packed(cls(**kwargs), w).layout
+    slots_tree, params = opt.tree_init(w, store_slots=False)
+    slots = p.pack_slots(slots_tree)
+    for bad in (False, True):
+        g = mixed_tree(31)
+        if bad:  # one NaN in one leaf: no leaf may move
+            g["dense"][1] = g["dense"][1].at[2].set(jnp.nan)
+        w_ref, s_ref, m_ref = opt.tree_update(
+            3, g, w, slots_tree, params, store_slots=False, with_metrics=True
+        )
+        w_new, s_new, m = p.update(
+            3, p.pack(g), p.pack(w), slots, params, with_metrics=True
+        )
+        assert int(m["skipped_nonfinite"]) == int(m_ref["skipped_nonfinite"]) == bad
+        assert_tree_close(p.unpack(w_new), w_ref, RTOL_F32, 1e-7, what="weights")
+        assert_tree_close(p.unpack_slots(s_new), s_ref, RTOL_F32, 1e-7, what="slots")
+        if bad:
+            assert_tree_close(p.unpack(w_new), w, 0.0, 0.0, what="unchanged")

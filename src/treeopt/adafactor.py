@@ -37,8 +37,8 @@ class Adafactor(base.Optimizer):
     (v + eps1)**-0.5``. ``wd`` is ``weight_decay_rate``, scaled by
     ``max(n - step, 0) / n`` when ``weight_decay_n_steps = n >= 1``.
 
-    Slots: a list ``[v_row, v_col]`` (float32; shapes ``w.shape[:-1]`` and
-    ``w.shape[:-2] + w.shape[-1:]``) or ``[v]`` (float32), then ``m`` if
+    Slots: a list ``[v_row, v_col]`` (float32, float64 for float64 leaves; shapes
+    ``w.shape[:-1]`` and ``w.shape[:-2] + w.shape[-1:]``) or ``[v]``, then ``m`` if
     ``do_momentum``.
     Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory
     Cost" (2018), https://arxiv.org/abs/1804.04235.
@@ -46,7 +46,8 @@ class Adafactor(base.Optimizer):
     Differences from Trax: ``clipping_threshold=None`` and
     ``weight_decay_n_steps=None`` work as documented; the unfactored ``v`` is
     float32 from the start; ``epsilon1`` is added where the formula above shows,
-    not to ``g**2`` before averaging (the same up to ``epsilon1`` in ``mean``).
+    not to ``g**2`` before averaging (the same up to ``epsilon1`` in ``mean``);
+    accepts ``clip_grad_norm``.
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class Adafactor(base.Optimizer):
         weight_decay_n_steps: ArrayLike | None = 0,
         epsilon1: ArrayLike = 1e-16,
         epsilon2: ArrayLike = 1e-3,
+        clip_grad_norm: float | None = None,
     ) -> None:
         """Creates an Adafactor optimizer.
 
@@ -83,6 +85,8 @@ class Adafactor(base.Optimizer):
             0 or None: the same decay at every step.
           epsilon1: regularizes the squared-gradient statistics, >= 0.
           epsilon2: lower bound of the parameter scale, >= 0.
+          clip_grad_norm: global gradient-norm threshold (> 0) applied before
+            the step, or None (Adafactor's own clipping is ``do_clipping``).
         """
         flags = dict(
             factored=factored,
@@ -110,7 +114,7 @@ class Adafactor(base.Optimizer):
         self._momentum_in_bfloat16 = momentum_in_bfloat16
         super().__init__(
             learning_rate,
-            None,
+            clip_grad_norm,
             beta1=beta1,
             decay_rate=decay_rate,
             # None means "off": keep the key (Trax state has it) with a neutral value.
@@ -215,5 +219,5 @@ class Adafactor(base.Optimizer):
         wd = jnp.where(n < 1, wd, wd * jnp.maximum(n - step_f, 0) / jnp.maximum(n, 1))
         w = (1 - wd) * w - u
         return w.astype(weights.dtype), base.cast_like(
-            new_stats, slots[: len(new_stats)]
+            new_stats, list(slots[: len(new_stats)])
         ) + new_m

@@ -42,8 +42,9 @@ def check_range(
 ) -> None:
     """Raises ``ValueError`` naming ``name`` unless ``low <= value <= high``.
 
-    ``low_open``/``high_open`` exclude the bound. Tracers and schedules (callables)
-    are not checked: their value is unknown when the optimizer is built.
+    ``low_open``/``high_open`` exclude the bound. Non-numbers (tracers,
+    callables) are left to the caller: ``Optimizer`` rejects them with a
+    ``TypeError``.
     """
     if not _is_concrete_number(value):
         return

@@ -22,7 +22,7 @@ def all_finite(tree: base.PyTree) -> jax.Array:
     return reduce(jnp.logical_and, flags, jnp.asarray(True))
 
 
-def _keep_if(ok: jax.Array, new: base.PyTree, old: base.PyTree) -> base.PyTree:
+def keep_if(ok: jax.Array, new: base.PyTree, old: base.PyTree) -> base.PyTree:
     """``new`` where ``ok``, else ``old`` (bit for bit, in ``new``'s dtypes)."""
     return jax.tree.map(
         lambda n, o: jnp.where(ok, n, jnp.asarray(o).astype(n.dtype)), new, old
@@ -91,7 +91,7 @@ class SkipNonFinite(base.Optimizer):
         """One leaf: the wrapped update, skipped if this leaf's ``grads`` are not
         all finite."""
         new = self._inner.update(step, grads, weights, slots, opt_params)
-        return _keep_if(all_finite(grads), new, (weights, slots))
+        return keep_if(all_finite(grads), new, (weights, slots))
 
     def tree_init(
         self, weight_tree: base.PyTree, store_slots: bool = True
@@ -128,8 +128,8 @@ class SkipNonFinite(base.Optimizer):
             with_metrics=True,
         )
         ok = all_finite(grad_tree)
-        new_weights = _keep_if(ok, new_weights, weight_tree)
-        new_slots = _keep_if(ok, new_slots, tuple(slots))
+        new_weights = keep_if(ok, new_weights, weight_tree)
+        new_slots = keep_if(ok, new_slots, tuple(slots))
         if store_slots:
             self._slots = new_slots
         if not with_metrics:

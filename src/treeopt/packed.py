@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from treeopt import base
+from treeopt import base, guard
 from treeopt.adam import Adam
 from treeopt.momentum import Momentum
 from treeopt.rms_prop import RMSProp
@@ -59,7 +59,11 @@ class Packed:
           weight_tree: any pytree of float arrays; only its layout is kept.
         """
         self._opt = optimizer
-        self._flat = is_elementwise(optimizer)
+        # A SkipNonFinite wrapper guards the whole packed step (see ``update``);
+        # the layout and the per-group math are those of the optimizer inside.
+        self._guarded = isinstance(optimizer, guard.SkipNonFinite)
+        self._step_opt = optimizer.inner if self._guarded else optimizer
+        self._flat = is_elementwise(self._step_opt)
         leaves, self._treedef = jax.tree.flatten(weight_tree)
         leaves = [jnp.asarray(x) for x in leaves]
         for path, x in zip(_paths(weight_tree), leaves, strict=True):
@@ -198,17 +202,23 @@ class Packed:
         groups = zip(packed_grads, packed_weights, slots, strict=True)
         for k, (g, w, s) in enumerate(groups):
             w_new, s_new = self._apply(
-                k, self._opt.update, axes, step, g, w, s, opt_params
+                k, self._step_opt.update, axes, step, g, w, s, opt_params
             )
             new_w.append(w_new.astype(w.dtype))
             new_s.append(base.cast_like(s_new, s))
-        if not with_metrics:
-            return tuple(new_w), tuple(new_s)
+        new_w, new_s = tuple(new_w), tuple(new_s)
         metrics = {
             "gradients_l2": grad_norm,
             "weights_l2": base.l2_norm(packed_weights),
         }
-        return tuple(new_w), tuple(new_s), metrics
+        if self._guarded:  # as SkipNonFinite.tree_update: the whole step or nothing
+            ok = guard.all_finite(packed_grads)
+            new_w = guard.keep_if(ok, new_w, tuple(packed_weights))
+            new_s = guard.keep_if(ok, new_s, tuple(slots))
+            metrics[guard.SKIPPED] = (~ok).astype(jnp.int32)
+        if not with_metrics:
+            return new_w, new_s
+        return new_w, new_s, metrics
 
     def tree_update(
         self,

@@ -84,7 +84,7 @@ class SM3(base.Optimizer):
     https://arxiv.org/abs/1901.11150.
 
     Differences from Trax: a 0-d weight works (Trax raised ``IndexError``); the
-    slot lists passed in are never mutated.
+    slot lists passed in are never mutated; accepts ``clip_grad_norm``.
     """
 
     def __init__(
@@ -94,6 +94,7 @@ class SM3(base.Optimizer):
         second_moment_averaging: ArrayLike = 1.0,
         weight_decay: ArrayLike = 0.0,
         momentum_type: MomentumType = MomentumType.EMA,
+        clip_grad_norm: float | None = None,
     ) -> None:
         """Creates an SM3 optimizer.
 
@@ -105,6 +106,7 @@ class SM3(base.Optimizer):
             like AdaGrad, less than 1 averages them and turns on grafting.
           weight_decay: coefficient of ``w`` added to the update, >= 0.
           momentum_type: a ``MomentumType`` (EMA, HEAVY_BALL or NESTEROV).
+          clip_grad_norm: global gradient-norm threshold (> 0), or None.
         """
         base.check_unit_interval("momentum", momentum)
         base.check_range(
@@ -122,7 +124,7 @@ class SM3(base.Optimizer):
         self._graft = float(second_moment_averaging) != 1.0
         super().__init__(
             learning_rate,
-            None,
+            clip_grad_norm,
             momentum=momentum,
             second_moment_averaging=second_moment_averaging,
             weight_decay=weight_decay,

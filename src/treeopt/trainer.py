@@ -173,7 +173,8 @@ class Trainer:
         schedule's value for this update; without a schedule it stays in
         ``opt_params``, as in Trax's ``one_step``.
         """
-        step = self.step if step is None else step
+        explicit = step is not None
+        step = step if explicit else self.step
         lr = None if learning_rate is None else jnp.asarray(learning_rate, jnp.float32)
         if self._layout is not None:
             batch = self._layout.put_batch(batch)
@@ -181,7 +182,9 @@ class Trainer:
             self.weights,
             self.slots,
             self.opt_params,
-            jnp.asarray(step, jnp.int32),
+            # The jitted step subtracts the skipped count; an explicit step is
+            # used as given (the addition is on device: no host round trip).
+            jnp.asarray(step, jnp.int32) + (self.skipped_nonfinite if explicit else 0),
             self.skipped_nonfinite,
             batch,
             rng,
