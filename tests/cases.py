@@ -116,8 +116,3 @@ BF16_MOMENTUM = (
 )
 
 IDS = [c[2] for c in CASES]
-
-
-def by_class(cls):
-    """The cases of one optimizer class, as pytest params."""
-    return [(k, i) for c, k, i in CASES if c is cls]

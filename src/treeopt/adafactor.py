@@ -215,8 +215,7 @@ class Adafactor(base.Optimizer):
         if self._do_momentum:
             u = beta1 * m_old.astype(u.dtype) + (1 - beta1) * u
             new_m = [u.astype(m_old.dtype)]
-        step_f = jnp.asarray(step).astype(w.dtype)
-        wd = jnp.where(n < 1, wd, wd * jnp.maximum(n - step_f, 0) / jnp.maximum(n, 1))
+        wd = jnp.where(n < 1, wd, wd * jnp.maximum(n - (t - 1), 0) / jnp.maximum(n, 1))
         w = (1 - wd) * w - u
         return w.astype(weights.dtype), base.cast_like(
             new_stats, list(slots[: len(new_stats)])
