@@ -114,3 +114,24 @@ def test_profile_counts_kernels_and_bytes(tiny_result):
             assert r[lib]["bytes"] >= r["ideal_bytes"] > 0
     assert rows["adam"]["ideal_bytes"] == 28
     assert "ideal B/param" in bench.to_markdown(tiny_result)
+
+
+@pytest.mark.parametrize("concurrent", [True, False])
+def test_runners_compiled_together_or_in_turn_step_the_same(concurrent):
+    import jax.numpy as jnp
+    import numpy as np
+
+    x = jnp.arange(4.0)
+    runners = [
+        bench._Runner(lambda a, b: (a * 2 + b,), (x, jnp.ones(4)), (0,), ()),
+        bench._Runner(lambda s, a: (a - s,), (x,), (0,), (jnp.float32(1),)),
+    ]
+    assert all(r.lower_s > 0 and np.isnan(r.compile_s) for r in runners)
+    bench.compile_all(runners, concurrent=concurrent)
+    assert all(r.compile_s > r.lower_s for r in runners)
+    for r in runners:
+        r.step(record=True)
+        r.step(record=True)
+    np.testing.assert_array_equal(runners[0]._args[0], 4 * np.arange(4.0) + 3)
+    np.testing.assert_array_equal(runners[1]._args[0], np.arange(4.0) - 2)
+    assert all(len(r.times) == 2 and r.median_ms() > 0 for r in runners)
