@@ -124,7 +124,7 @@ def test_runners_compiled_together_or_in_turn_step_the_same(concurrent):
     x = jnp.arange(4.0)
     runners = [
         bench._Runner(lambda a, b: (a * 2 + b,), (x, jnp.ones(4)), (0,), ()),
-        bench._Runner(lambda s, a: (a - s,), (x,), (0,), (jnp.float32(1),)),
+        bench._Runner(lambda s, a: (a - s,), (x,), (1,), (jnp.float32(1),)),
     ]
     assert all(r.lower_s > 0 and np.isnan(r.compile_s) for r in runners)
     bench.compile_all(runners, concurrent=concurrent)

@@ -1,5 +1,6 @@
 """SM3: golden step, layout, Trax bug fixes, errors."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -7,6 +8,8 @@ import pytest
 import treeopt
 from treeopt import MomentumType
 
+import cases
+import helpers
 import reference
 
 
@@ -108,3 +111,29 @@ def test_invalid_hyperparameters(kwargs, match):
 
 def test_momentum_type_accepts_trax_ints():
     assert treeopt.SM3(momentum_type=3).momentum_type is MomentumType.NESTEROV
+
+
+SM3_CASES = [c for c in cases.CASES if c[0] is treeopt.SM3]
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, case_id", SM3_CASES, ids=[c[2] for c in SM3_CASES]
+)
+def test_one_pass_per_axis_equals_the_shared_accumulator(
+    monkeypatch, cls, kwargs, case_id
+):
+    # Large leaves take one fused pass over g per axis maximum, small ones share
+    # one accumulator; both must give the same bits (max(c x) = c max(x), c > 0).
+    weights = helpers.random_leaves(0)
+    grads = helpers.random_grads(1)
+    results = []
+    for min_size in (0, 1 << 62):
+        monkeypatch.setattr(treeopt.sm3, "_SEPARATE_PASSES_MIN_SIZE", min_size)
+        results.append(helpers.run_treeopt(cls(**kwargs), weights, grads))
+    (w_sep, s_sep), (w_shared, s_shared) = results
+    for a, b in zip(
+        jax.tree.leaves((w_sep, s_sep)),
+        jax.tree.leaves((w_shared, s_shared)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,5 +1,7 @@
 """Adafactor optimizer."""
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -167,22 +169,28 @@ class Adafactor(base.Optimizer):
         m = [jnp.zeros_like(w, jnp.bfloat16 if self._momentum_in_bfloat16 else None)]
         return stats + m if self._do_momentum else stats
 
-    def update(
+    def _prepare(
+        self, step: ArrayLike, opt_params: base.OptParams, dtype: Any
+    ) -> tuple[jax.Array, ...]:
+        names = ("learning_rate", "beta1", "decay_rate", "clipping_threshold")
+        lr, beta1, decay_rate, threshold = base.hyperparams(opt_params, dtype, *names)
+        names = ("weight_decay_rate", "weight_decay_n_steps", "epsilon1", "epsilon2")
+        wd, n, eps1, eps2 = base.hyperparams(opt_params, dtype, *names)
+        t = base.step_count(step, dtype)
+        rho = 1 - t ** (-decay_rate)
+        wd = jnp.where(n < 1, wd, wd * jnp.maximum(n - (t - 1), 0) / jnp.maximum(n, 1))
+        return lr, beta1, rho, threshold, 1 - wd, eps1, eps2
+
+    def _apply(
         self,
-        step: ArrayLike,
+        prepared: tuple[jax.Array, ...],
         grads: jax.Array,
         weights: jax.Array,
         slots: list[jax.Array],
-        opt_params: base.OptParams,
     ) -> tuple[jax.Array, list[jax.Array]]:
+        lr, beta1, rho, threshold, keep, eps1, eps2 = prepared
         stats, m_old = self._split(slots)
         w, g, *stats = base.upcast(weights, grads, *stats)
-        names = ("learning_rate", "beta1", "decay_rate", "clipping_threshold")
-        lr, beta1, decay_rate, threshold = base.hyperparams(opt_params, w.dtype, *names)
-        names = ("weight_decay_rate", "weight_decay_n_steps", "epsilon1", "epsilon2")
-        wd, n, eps1, eps2 = base.hyperparams(opt_params, w.dtype, *names)
-        t = base.step_count(step, w.dtype)
-        rho = 1 - t ** (-decay_rate)
         # One fused pass per reduction (rows and columns of g**2, sum(y**2), w**2)
         # and one that writes w: neither g**2 nor y is ever stored.
         if self._is_factored(w):
@@ -215,8 +223,7 @@ class Adafactor(base.Optimizer):
         if self._do_momentum:
             u = beta1 * m_old.astype(u.dtype) + (1 - beta1) * u
             new_m = [u.astype(m_old.dtype)]
-        wd = jnp.where(n < 1, wd, wd * jnp.maximum(n - (t - 1), 0) / jnp.maximum(n, 1))
-        w = (1 - wd) * w - u
+        w = keep * w - u
         return w.astype(weights.dtype), base.cast_like(
             new_stats, list(slots[: len(new_stats)])
         ) + new_m

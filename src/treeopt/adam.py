@@ -1,5 +1,7 @@
 """Adam optimizer."""
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -57,21 +59,26 @@ class Adam(base.Optimizer):
     def init(self, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
         return jnp.zeros_like(weights), jnp.zeros_like(weights)
 
-    def update(
+    def _prepare(
+        self, step: ArrayLike, opt_params: base.OptParams, dtype: Any
+    ) -> tuple[jax.Array, ...]:
+        names = ("learning_rate", "weight_decay_rate", "b1", "b2", "eps")
+        lr, wd, b1, b2, eps = base.hyperparams(opt_params, dtype, *names)
+        t = base.step_count(step, dtype)
+        return lr, 1 - wd, b1, b2, eps, 1 - b1**t, 1 - b2**t
+
+    def _apply(
         self,
-        step: ArrayLike,
+        prepared: tuple[jax.Array, ...],
         grads: jax.Array,
         weights: jax.Array,
         slots: tuple[jax.Array, jax.Array],
-        opt_params: base.OptParams,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        lr, keep, b1, b2, eps, correction1, correction2 = prepared
         w, g, m, v = base.upcast(weights, grads, *slots)
-        names = ("learning_rate", "weight_decay_rate", "b1", "b2", "eps")
-        lr, wd, b1, b2, eps = base.hyperparams(opt_params, w.dtype, *names)
-        t = base.step_count(step, w.dtype)
         m = (1 - b1) * g + b1 * m
         v = (1 - b2) * g**2 + b2 * v
-        mhat = m / (1 - b1**t)
-        vhat = v / (1 - b2**t)
-        w = (1 - wd) * w - lr * mhat / (jnp.sqrt(vhat) + eps)
+        mhat = m / correction1
+        vhat = v / correction2
+        w = keep * w - lr * mhat / (jnp.sqrt(vhat) + eps)
         return w.astype(weights.dtype), base.cast_like((m, v), slots)

@@ -226,6 +226,14 @@ class Optimizer:
     ``jax.tree_util`` flatten order, with optional global-norm gradient clipping.
     Structural options are fixed at construction; every number that may change
     during training lives in ``opt_params`` as a 0-d array.
+
+    Instead of ``update`` a subclass may define the pair ``_prepare(step,
+    opt_params, dtype)`` (the per-step scalars: hyperparameters cast to the
+    compute dtype, bias corrections, ...) and ``_apply(prepared, grads, weights,
+    slots)`` (the per-leaf math); ``update`` is then their composition, and
+    ``tree_update`` calls ``_prepare`` once per compute dtype instead of once per
+    leaf, which keeps the traced program (and its compile time) small on trees
+    with many leaves. The built-in optimizers do this.
     """
 
     def __init__(
@@ -301,7 +309,25 @@ class Optimizer:
         opt_params: OptParams,
     ) -> tuple[jax.Array, Slots]:
         """Returns ``(new_weights, new_slots)`` for one leaf."""
+        if not self._is_split():
+            raise NotImplementedError
+        prepared = self._prepare(step, opt_params, compute_dtype(weights))
+        return self._apply(prepared, grads, weights, slots)
+
+    def _prepare(self, step: ArrayLike, opt_params: OptParams, dtype: Any) -> Any:
+        """The per-step scalars ``_apply`` needs, in ``dtype``; once per step."""
         raise NotImplementedError
+
+    def _apply(
+        self, prepared: Any, grads: jax.Array, weights: jax.Array, slots: Slots
+    ) -> tuple[jax.Array, Slots]:
+        """``update`` for one leaf, given what ``_prepare`` returned."""
+        raise NotImplementedError
+
+    def _is_split(self) -> bool:
+        """Whether ``update`` is ``_prepare`` then ``_apply`` (not overridden)."""
+        cls = type(self)
+        return cls.update is Optimizer.update and cls._apply is not Optimizer._apply
 
     def tree_init(
         self, weight_tree: PyTree, store_slots: bool = True
@@ -348,12 +374,21 @@ class Optimizer:
         self._check_grads(paths, grads, weights)
         slots = self._check_slots(paths, slots, weights)
 
-        grad_norm = l2_norm(grads)
+        grad_norm = None
+        if with_metrics or self._clip_grad_norm is not None:
+            grad_norm = l2_norm(grads)
         if self._clip_grad_norm is not None:
             grads = clip_to_norm(grads, self._clip_grad_norm, grad_norm)
+        split, prepared = self._is_split(), {}
         new_weights, new_slots = [], []
         for g, w, s in zip(grads, weights, slots, strict=True):
-            w_new, s_new = self.update(step, g, w, s, opt_params)
+            if split:  # per-step scalars once per compute dtype, not per leaf
+                dt = compute_dtype(w)
+                if dt not in prepared:
+                    prepared[dt] = self._prepare(step, opt_params, dt)
+                w_new, s_new = self._apply(prepared[dt], g, w, s)
+            else:
+                w_new, s_new = self.update(step, g, w, s, opt_params)
             new_weights.append(w_new.astype(w.dtype))
             new_slots.append(cast_like(s_new, s))
         new_weight_tree = jax.tree.unflatten(treedef, new_weights)
@@ -425,15 +460,14 @@ class SGD(Optimizer):
         del weights
         return None
 
-    def update(
-        self,
-        step: ArrayLike,
-        grads: jax.Array,
-        weights: jax.Array,
-        slots: None,
-        opt_params: OptParams,
+    def _prepare(self, step: ArrayLike, opt_params: OptParams, dtype: Any) -> tuple:
+        del step
+        return hyperparams(opt_params, dtype, "learning_rate")
+
+    def _apply(
+        self, prepared: tuple, grads: jax.Array, weights: jax.Array, slots: None
     ) -> tuple[jax.Array, None]:
-        del step, slots
+        del slots
+        (lr,) = prepared
         w, g = upcast(weights, grads)
-        (lr,) = hyperparams(opt_params, w.dtype, "learning_rate")
         return (w - lr * g).astype(weights.dtype), None

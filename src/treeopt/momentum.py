@@ -1,5 +1,7 @@
 """Momentum optimizer, with or without the Nesterov correction."""
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -60,19 +62,24 @@ class Momentum(base.Optimizer):
     def init(self, weights: jax.Array) -> jax.Array:
         return jnp.zeros_like(weights)
 
-    def update(
+    def _prepare(
+        self, step: ArrayLike, opt_params: base.OptParams, dtype: Any
+    ) -> tuple[jax.Array, ...]:
+        del step
+        names = ("learning_rate", "mass", "weight_decay_rate")
+        lr, mass, wd = base.hyperparams(opt_params, dtype, *names)
+        return lr, mass, 1 - wd
+
+    def _apply(
         self,
-        step: ArrayLike,
+        prepared: tuple[jax.Array, ...],
         grads: jax.Array,
         weights: jax.Array,
         slots: jax.Array,
-        opt_params: base.OptParams,
     ) -> tuple[jax.Array, jax.Array]:
-        del step
+        lr, mass, keep = prepared
         w, g, v = base.upcast(weights, grads, slots)
-        names = ("learning_rate", "mass", "weight_decay_rate")
-        lr, mass, wd = base.hyperparams(opt_params, w.dtype, *names)
         v = mass * v + g
         u = mass * v + g if self._nesterov else v
-        w = (1 - wd) * w - lr * u
+        w = keep * w - lr * u
         return w.astype(weights.dtype), v.astype(slots.dtype)

@@ -22,6 +22,7 @@ step, which on thousands of leaves costs more than it saves.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -197,13 +198,21 @@ class Packed:
         if self._opt.clip_grad_norm is not None:
             clip = self._opt.clip_grad_norm
             packed_grads = base.clip_to_norm(packed_grads, clip, grad_norm)
-        axes = (None, 0, 0, 0, None)
+        opt, prepared = self._step_opt, {}
         new_w, new_s = [], []
         groups = zip(packed_grads, packed_weights, slots, strict=True)
         for k, (g, w, s) in enumerate(groups):
-            w_new, s_new = self._apply(
-                k, self._step_opt.update, axes, step, g, w, s, opt_params
-            )
+            if opt._is_split():  # as tree_update: scalars once per compute dtype
+                dt = base.compute_dtype(w)
+                if dt not in prepared:
+                    prepared[dt] = opt._prepare(step, opt_params, dt)
+                fn = functools.partial(opt._apply, prepared[dt])
+                w_new, s_new = self._apply(k, fn, (0, 0, 0), g, w, s)
+            else:
+                axes = (None, 0, 0, 0, None)
+                w_new, s_new = self._apply(
+                    k, opt.update, axes, step, g, w, s, opt_params
+                )
             new_w.append(w_new.astype(w.dtype))
             new_s.append(base.cast_like(s_new, s))
         new_w, new_s = tuple(new_w), tuple(new_s)

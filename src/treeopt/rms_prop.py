@@ -1,5 +1,7 @@
 """RMSProp optimizer."""
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -43,19 +45,21 @@ class RMSProp(base.Optimizer):
         # Ones, not zeros: Trax's choice, kept so that Trax slots load and match.
         return jnp.ones_like(weights)
 
-    def update(
+    def _prepare(
+        self, step: ArrayLike, opt_params: base.OptParams, dtype: Any
+    ) -> tuple[jax.Array, ...]:
+        del step
+        return base.hyperparams(opt_params, dtype, "learning_rate", "gamma", "eps")
+
+    def _apply(
         self,
-        step: ArrayLike,
+        prepared: tuple[jax.Array, ...],
         grads: jax.Array,
         weights: jax.Array,
         slots: jax.Array,
-        opt_params: base.OptParams,
     ) -> tuple[jax.Array, jax.Array]:
-        del step
+        lr, gamma, eps = prepared
         w, g, a = base.upcast(weights, grads, slots)
-        lr, gamma, eps = base.hyperparams(
-            opt_params, w.dtype, "learning_rate", "gamma", "eps"
-        )
         a = gamma * a + (1 - gamma) * g**2
         w = w - lr * g / (jnp.sqrt(a) + eps)
         return w.astype(weights.dtype), a.astype(slots.dtype)

@@ -1,6 +1,7 @@
 """SM3 optimizer."""
 
 import enum
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,8 @@ class MomentumType(enum.IntEnum):
 
 def _precondition(acc: jax.Array, g: jax.Array) -> jax.Array:
     """``P(acc) * g`` with ``P(a) = 1 / (sqrt(a) + 1e-16)`` where ``a > 0``, else 0."""
-    return jnp.where(acc > 0, 1 / (jnp.sqrt(acc) + 1e-16), 0) * g
+    inv = 1 / (jnp.sqrt(acc) + 1e-16)
+    return jax.lax.select(acc > 0, inv, jnp.zeros_like(inv)) * g
 
 
 def _cover(accs: list[jax.Array], shape: tuple) -> jax.Array:
@@ -40,21 +42,29 @@ def _norm(x: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum(x * x))
 
 
+# Leaves at least this large get one fused pass over ``g`` per axis maximum.
+_SEPARATE_PASSES_MIN_SIZE = 1 << 16
+
+
 def _accumulate(
-    vs: list[jax.Array], g: jax.Array, b2: jax.Array, c: jax.Array
+    vs: list[jax.Array], g: jax.Array, k: jax.Array, c: jax.Array
 ) -> tuple[jax.Array, list[jax.Array]]:
     """``acc = b2 * cover(vs) + c * g**2`` and, per axis ``i``, the max of ``acc``
-    over every other axis (``acc >= 0``).
+    over every other axis (``acc >= 0``), given ``k = b2 / c`` and ``c > 0``.
 
-    Written as ``c * (cover(k * vs) + g**2)`` with ``k = b2 / c`` (``c > 0``), so
-    that no full-size term carries a scalar; each max gets its own copy of ``g``
-    and ``vs`` (an optimization barrier, which XLA cannot merge). Each max is then
-    one fused pass over ``g``, and the full-size ``acc`` is never stored.
+    Written as ``c * (cover(k * vs) + g**2)``, so that no full-size term carries
+    a scalar; each max gets its own copy of ``g`` and ``vs`` (an optimization
+    barrier, which XLA cannot merge). Each max is then one fused pass over ``g``,
+    and the full-size ``acc`` is never stored.
     """
-    vs = [(b2 / c) * v for v in vs]
+    vs = [k * v for v in vs]
     acc = c * (_cover(vs, g.shape) + g * g)
     if g.ndim <= 1:
         return acc, [acc]
+    if g.size < _SEPARATE_PASSES_MIN_SIZE:
+        # Small: re-reading is not worth its code; max(c x) = c max(x) exactly.
+        axes = [tuple(j for j in range(g.ndim) if j != i) for i in range(g.ndim)]
+        return acc, [jnp.max(acc, axis=a, initial=0.0) for a in axes]
     maxes = []
     copies = jax.lax.optimization_barrier(((g, *vs),) * g.ndim)
     for i, (g_i, *vs_i) in enumerate(copies):
@@ -150,26 +160,31 @@ class SM3(base.Optimizer):
         v2s = [jnp.zeros(s, w.dtype) for s in shapes] if self._graft else []
         return m, v1s, v2s
 
-    def update(
+    def _prepare(
+        self, step: ArrayLike, opt_params: base.OptParams, dtype: Any
+    ) -> tuple[jax.Array, ...]:
+        del step
+        names = ("learning_rate", "momentum", "second_moment_averaging", "weight_decay")
+        lr, b, b2, weight_decay = base.hyperparams(opt_params, dtype, *names)
+        c = jnp.where(b2 == 1, 1, 1 - b2).astype(dtype)
+        return lr, b, weight_decay, b2 / c, c
+
+    def _apply(
         self,
-        step: ArrayLike,
+        prepared: tuple[jax.Array, ...],
         grads: jax.Array,
         weights: jax.Array,
         slots: tuple,
-        opt_params: base.OptParams,
     ) -> tuple[jax.Array, tuple]:
-        del step
+        lr, b, weight_decay, k, c = prepared
         m_old, v1s_old, v2s_old = slots
         w, g = base.upcast(weights, grads)
         v1s, v2s = (base.upcast(w, *s)[1:] for s in (v1s_old, v2s_old))
-        names = ("learning_rate", "momentum", "second_moment_averaging", "weight_decay")
-        lr, b, b2, weight_decay = base.hyperparams(opt_params, w.dtype, *names)
-        c = jnp.where(b2 == 1, 1, 1 - b2)
-        acc, new_v1s = _accumulate(list(v1s), g, b2, c)
+        acc, new_v1s = _accumulate(list(v1s), g, k, c)
         pg = _precondition(acc, g)
         new_v2s = []
         if self._graft:
-            one = jnp.ones_like(c)  # v2 adds g**2 undecayed: b2 = c = 1
+            one = jnp.ones_like(c)  # v2 adds g**2 undecayed: k = c = 1
             acc2, new_v2s = _accumulate(list(v2s), g, one, one)
             pg_graft = _precondition(acc2, g)
             pg = pg * _norm(pg_graft) / (_norm(pg) + 1e-16)
