@@ -121,10 +121,13 @@ def test_runners_compiled_together_or_in_turn_step_the_same(concurrent):
     import jax.numpy as jnp
     import numpy as np
 
-    x = jnp.arange(4.0)
-    runners = [
-        bench._Runner(lambda a, b: (a * 2 + b,), (x, jnp.ones(4)), (0,), ()),
-        bench._Runner(lambda s, a: (a - s,), (x,), (1,), (jnp.float32(1),)),
+    runners = [  # the first argument is donated and replaced by the output
+        bench._Runner(
+            lambda a, b: (a * 2 + b,), (jnp.arange(4.0), jnp.ones(4)), (0,), ()
+        ),
+        bench._Runner(
+            lambda s, a: (a - s,), (jnp.arange(4.0),), (1,), (jnp.float32(1),)
+        ),
     ]
     assert all(r.lower_s > 0 and np.isnan(r.compile_s) for r in runners)
     bench.compile_all(runners, concurrent=concurrent)
