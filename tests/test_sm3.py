@@ -123,7 +123,7 @@ def test_one_pass_per_axis_equals_the_shared_accumulator(
     monkeypatch, cls, kwargs, case_id
 ):
     # Large leaves take one fused pass over g per axis maximum, small ones share
-    # one accumulator; both must give the same bits (max(c x) = c max(x), c > 0).
+    # one accumulator; both must give the same bits.
     weights = helpers.random_leaves(0)
     grads = helpers.random_grads(1)
     results = []

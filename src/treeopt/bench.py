@@ -188,7 +188,7 @@ def config(name: str) -> Config:
         "one_big": one_big_shapes(),
     }
     if name == "full":
-        return Config(trees, rounds=15, steps_per_round=4)
+        return Config(trees, rounds=10, steps_per_round=3)
     if name == "quick":
         # An eighth of the small leaves: compiling optax's Adafactor and SM3 for
         # 2000 leaves alone takes minutes on a busy 2-core machine.

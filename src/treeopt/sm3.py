@@ -42,7 +42,6 @@ def _norm(x: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum(x * x))
 
 
-# Leaves at least this large get one fused pass over ``g`` per axis maximum.
 _SEPARATE_PASSES_MIN_SIZE = 1 << 16
 
 
@@ -53,24 +52,24 @@ def _accumulate(
     over every other axis (``acc >= 0``), given ``k = b2 / c`` and ``c > 0``.
 
     Written as ``c * (cover(k * vs) + g**2)``, so that no full-size term carries
-    a scalar; each max gets its own copy of ``g`` and ``vs`` (an optimization
-    barrier, which XLA cannot merge). Each max is then one fused pass over ``g``,
-    and the full-size ``acc`` is never stored.
+    a scalar. On leaves of ``_SEPARATE_PASSES_MIN_SIZE`` elements or more each
+    max gets its own copy of ``g`` and ``vs`` (an optimization barrier, which XLA
+    cannot merge): each max is then one fused pass over ``g``, and the full-size
+    ``acc`` is never stored. Smaller leaves skip the copies (less to compile).
     """
     vs = [k * v for v in vs]
-    acc = c * (_cover(vs, g.shape) + g * g)
+    x = _cover(vs, g.shape) + g * g
+    acc = c * x
     if g.ndim <= 1:
         return acc, [acc]
-    if g.size < _SEPARATE_PASSES_MIN_SIZE:
-        # Small: re-reading is not worth its code; max(c x) = c max(x) exactly.
-        axes = [tuple(j for j in range(g.ndim) if j != i) for i in range(g.ndim)]
-        return acc, [jnp.max(acc, axis=a, initial=0.0) for a in axes]
+    axes = [tuple(j for j in range(g.ndim) if j != i) for i in range(g.ndim)]
+    if g.size < _SEPARATE_PASSES_MIN_SIZE:  # small: not worth the extra code
+        return acc, [c * jnp.max(x, axis=a, initial=0.0) for a in axes]
     maxes = []
     copies = jax.lax.optimization_barrier(((g, *vs),) * g.ndim)
-    for i, (g_i, *vs_i) in enumerate(copies):
-        others = tuple(j for j in range(g.ndim) if j != i)
-        x = _cover(vs_i, g.shape) + g_i * g_i
-        maxes.append(c * jnp.max(x, axis=others, initial=0.0))
+    for a, (g_i, *vs_i) in zip(axes, copies, strict=True):
+        x_i = _cover(vs_i, g.shape) + g_i * g_i
+        maxes.append(c * jnp.max(x_i, axis=a, initial=0.0))
     return acc, maxes
 
 
