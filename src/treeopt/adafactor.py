@@ -221,9 +221,9 @@ class Adafactor(base.Optimizer):
         u = scale * y
         new_m = []
         if self._do_momentum:
-            u = beta1 * m_old.astype(u.dtype) + (1 - beta1) * u
-            new_m = [u.astype(m_old.dtype)]
+            u = beta1 * base.as_dtype(m_old, u.dtype) + (1 - beta1) * u
+            new_m = [base.as_dtype(u, m_old.dtype)]
         w = keep * w - u
-        return w.astype(weights.dtype), base.cast_like(
+        return base.as_dtype(w, weights.dtype), base.cast_like(
             new_stats, list(slots[: len(new_stats)])
         ) + new_m

@@ -82,4 +82,4 @@ class Adam(base.Optimizer):
         mhat = m * inv_correction1
         vhat = v * inv_correction2
         w = keep * w - lr * mhat / (jnp.sqrt(vhat) + eps)
-        return w.astype(weights.dtype), base.cast_like((m, v), slots)
+        return base.as_dtype(w, weights.dtype), base.cast_like((m, v), slots)

@@ -86,10 +86,21 @@ def compute_dtype(x: jax.Array) -> jnp.dtype:
     return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
+def as_dtype(x: ArrayLike, dtype: Any) -> jax.Array:
+    """``x`` as a strongly typed array of ``dtype``; no cast op if it already is.
+
+    Skipping the no-op cast keeps the traced program of a many-leaf step small.
+    """
+    x = jnp.asarray(x)
+    if x.dtype == dtype and not x.weak_type:
+        return x
+    return x.astype(dtype)
+
+
 def upcast(weights: jax.Array, *xs: jax.Array) -> tuple[jax.Array, ...]:
     """``weights`` and ``xs`` cast to ``compute_dtype(weights)``."""
     dt = compute_dtype(weights)
-    return tuple(jnp.asarray(x).astype(dt) for x in (weights, *xs))
+    return tuple(as_dtype(x, dt) for x in (weights, *xs))
 
 
 def hyperparams(opt_params: OptParams, dtype: Any, *names: str) -> tuple:
@@ -113,7 +124,7 @@ def step_count(step: ArrayLike, dtype: Any) -> jax.Array:
 
 def cast_like(new: Any, old: Any) -> Any:
     """Casts each array in ``new`` to the dtype of its counterpart in ``old``."""
-    return jax.tree.map(lambda n, o: n.astype(o.dtype), new, old)
+    return jax.tree.map(lambda n, o: as_dtype(n, o.dtype), new, old)
 
 
 def safe_mean(x: jax.Array, axis: Any = None, keepdims: bool = False) -> jax.Array:
@@ -389,7 +400,7 @@ class Optimizer:
                 w_new, s_new = self._apply(prepared[dt], g, w, s)
             else:
                 w_new, s_new = self.update(step, g, w, s, opt_params)
-            new_weights.append(w_new.astype(w.dtype))
+            new_weights.append(as_dtype(w_new, w.dtype))
             new_slots.append(cast_like(s_new, s))
         new_weight_tree = jax.tree.unflatten(treedef, new_weights)
         new_slots = tuple(new_slots)
@@ -470,4 +481,4 @@ class SGD(Optimizer):
         del slots
         (lr,) = prepared
         w, g = upcast(weights, grads)
-        return (w - lr * g).astype(weights.dtype), None
+        return as_dtype(w - lr * g, weights.dtype), None

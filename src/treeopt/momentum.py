@@ -82,4 +82,4 @@ class Momentum(base.Optimizer):
         v = mass * v + g
         u = mass * v + g if self._nesterov else v
         w = keep * w - lr * u
-        return w.astype(weights.dtype), v.astype(slots.dtype)
+        return base.as_dtype(w, weights.dtype), base.as_dtype(v, slots.dtype)

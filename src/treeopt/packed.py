@@ -213,7 +213,7 @@ class Packed:
                 w_new, s_new = self._apply(
                     k, opt.update, axes, step, g, w, s, opt_params
                 )
-            new_w.append(w_new.astype(w.dtype))
+            new_w.append(base.as_dtype(w_new, w.dtype))
             new_s.append(base.cast_like(s_new, s))
         new_w, new_s = tuple(new_w), tuple(new_s)
         metrics = {

@@ -62,4 +62,4 @@ class RMSProp(base.Optimizer):
         w, g, a = base.upcast(weights, grads, slots)
         a = gamma * a + (1 - gamma) * g**2
         w = w - lr * g / (jnp.sqrt(a) + eps)
-        return w.astype(weights.dtype), a.astype(slots.dtype)
+        return base.as_dtype(w, weights.dtype), base.as_dtype(a, slots.dtype)

@@ -191,14 +191,14 @@ class SM3(base.Optimizer):
         pg = pg + weight_decay * w
         new_m, u = [], pg
         if self._has_momentum:
-            m = m_old.astype(w.dtype)
+            m = base.as_dtype(m_old, w.dtype)
             if self._momentum_type == MomentumType.EMA:
                 m = (1 - b) * pg + b * m
                 u = m
             else:
                 m = pg + b * m
                 u = pg + b * m if self._momentum_type == MomentumType.NESTEROV else m
-            new_m = m.astype(m_old.dtype)
+            new_m = base.as_dtype(m, m_old.dtype)
         new_v1s = base.cast_like(new_v1s, list(v1s_old))
         w = w - u * lr
-        return w.astype(weights.dtype), (new_m, new_v1s, new_v2s)
+        return base.as_dtype(w, weights.dtype), (new_m, new_v1s, new_v2s)
