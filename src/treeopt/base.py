@@ -320,8 +320,10 @@ class Optimizer:
         opt_params: OptParams,
     ) -> tuple[jax.Array, Slots]:
         """Returns ``(new_weights, new_slots)`` for one leaf."""
-        if not self._is_split():
-            raise NotImplementedError
+        if type(self)._apply is Optimizer._apply:
+            raise NotImplementedError(
+                f"{type(self).__name__} must define update (or _prepare and _apply)"
+            )
         prepared = self._prepare(step, opt_params, compute_dtype(weights))
         return self._apply(prepared, grads, weights, slots)
 
