@@ -405,3 +405,41 @@ def test_optimizer_without_update_or_apply_raises_not_implemented():
         opt.update(0, jnp.ones(2), jnp.ones(2), None, opt.opt_params)
     with pytest.raises(NotImplementedError):
         opt.tree_update(0, [jnp.ones(2)], [jnp.ones(2)], (None,), opt.opt_params)
+
+
+def test_update_replaced_on_the_instance_is_called_by_tree_update():
+    opt = treeopt.SGD(learning_rate=0.1)
+    calls = []
+    original = opt.update
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    opt.update = counting
+    weights = [jnp.ones(2), jnp.ones(3), jnp.ones(())]
+    slots, params = opt.tree_init(weights, store_slots=False)
+    new, _ = opt.tree_update(0, weights, weights, slots, params, store_slots=False)
+    assert len(calls) == 3
+    np.testing.assert_allclose(new[1], 0.9 * np.ones(3), rtol=1e-6)
+
+
+def test_apply_without_prepare_names_what_is_missing():
+    class OnlyApply(treeopt.Optimizer):
+        def init(self, weights):
+            return None
+
+        def _apply(self, prepared, grads, weights, slots):
+            return weights, None
+
+    with pytest.raises(
+        NotImplementedError, match="OnlyApply defines _apply but not _prepare"
+    ):
+        OnlyApply().tree_update(
+            0,
+            [jnp.ones(2)],
+            [jnp.ones(2)],
+            (None,),
+            {"learning_rate": 0.1},
+            store_slots=False,
+        )

@@ -87,10 +87,8 @@ def compute_dtype(x: jax.Array) -> jnp.dtype:
 
 
 def as_dtype(x: ArrayLike, dtype: Any) -> jax.Array:
-    """``x`` as a strongly typed array of ``dtype``; no cast op if it already is.
-
-    Skipping the no-op cast keeps the traced program of a many-leaf step small.
-    """
+    """``x`` as a strongly typed array of ``dtype``, returned as it is if it
+    already is one (which saves the Python dispatch of a no-op cast per leaf)."""
     x = jnp.asarray(x)
     if x.dtype == dtype and not x.weak_type:
         return x
@@ -329,7 +327,9 @@ class Optimizer:
 
     def _prepare(self, step: ArrayLike, opt_params: OptParams, dtype: Any) -> Any:
         """The per-step scalars ``_apply`` needs, in ``dtype``; once per step."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} defines _apply but not _prepare"
+        )
 
     def _apply(
         self, prepared: Any, grads: jax.Array, weights: jax.Array, slots: Slots
@@ -338,9 +338,10 @@ class Optimizer:
         raise NotImplementedError
 
     def _is_split(self) -> bool:
-        """Whether ``update`` is ``_prepare`` then ``_apply`` (not overridden)."""
-        cls = type(self)
-        return cls.update is Optimizer.update and cls._apply is not Optimizer._apply
+        """Whether ``update`` is ``_prepare`` then ``_apply``: not overridden in a
+        subclass nor replaced on the instance."""
+        update = getattr(self.update, "__func__", None)
+        return update is Optimizer.update and type(self)._apply is not Optimizer._apply
 
     def tree_init(
         self, weight_tree: PyTree, store_slots: bool = True

@@ -4,7 +4,7 @@ Needs ``optax`` (the ``optax`` extra). Everything runs in one process: for each
 (tree, optimizer) row both libraries are compiled, then timed interleaved, one
 jitted step at a time with donated buffers and ``block_until_ready``, and the
 median is kept; a row's steps are traced one after the other and compiled at
-the same time, one core each (``Config.concurrent_compile``). The bound of a
+the same time, at most one per core (``Config.concurrent_compile``). The bound of a
 row is the time an ideal step takes: the bytes it must move (read ``w``, ``g``
 and the state once, write ``w`` and the state once) at the bandwidth of a
 jitted ``y <- a x + y`` over as many elements as the tree has parameters (the
@@ -171,7 +171,7 @@ class Config:
     budget_s: float = float("inf")
     # One leaf of this shape is profiled (kernels, bytes per parameter); None: no.
     profile_shape: tuple[int, ...] | None = (4096, 4096)
-    # Compile the steps of a row at the same time (one core each).
+    # Compile the steps of a row at the same time (at most one per core).
     concurrent_compile: bool = True
 
     def row_order(self) -> list[tuple[str, str]]:
@@ -284,7 +284,8 @@ class _Runner:
 
 
 def compile_all(runners: Sequence[_Runner], concurrent: bool = True) -> None:
-    """Compiles the runners, at the same time in threads if ``concurrent``.
+    """Compiles the runners, at the same time in threads (at most one per core)
+    if ``concurrent``; each ``compile_s`` counts from the start of its own compile.
 
     XLA compiles one module on one core, so on an idle machine with as many
     cores as runners each compile takes as long as it would alone (measured
@@ -298,7 +299,9 @@ def compile_all(runners: Sequence[_Runner], concurrent: bool = True) -> None:
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=len(runners)) as pool:
+    with ThreadPoolExecutor(
+        max_workers=max(1, min(len(runners), _cpu_count()))
+    ) as pool:
         for future in [pool.submit(r.compile) for r in runners]:
             future.result()
 

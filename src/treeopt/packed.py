@@ -7,7 +7,9 @@ fixes a weight tree's layout and keeps weights, gradients and slots in it:
 - elementwise optimizers (SGD, Adam, Momentum, RMSProp): one flat buffer per
   dtype, every leaf raveled and concatenated in flatten order;
 - the others (Adafactor, SM3, any subclass): one stacked buffer per (shape,
-  dtype), updated with ``jax.vmap`` of the per-leaf ``update``, so per-leaf
+  dtype), updated with ``jax.vmap`` of the per-leaf ``update`` (of ``_apply``,
+  after one ``_prepare`` per compute dtype, where the optimizer has them, as
+  ``tree_update`` does), so per-leaf
   statistics (factored moments, sketches, parameter RMS) stay per leaf; a leaf
   whose shape and dtype no other leaf has stays as it is.
 
@@ -194,7 +196,9 @@ class Packed:
         for name, x in (("grads", packed_grads), ("weights", packed_weights)):
             self._check_groups(x, f"packed {name}")
         self._check_groups(slots, "packed slots")
-        grad_norm = base.l2_norm(packed_grads)
+        grad_norm = None
+        if with_metrics or self._opt.clip_grad_norm is not None:
+            grad_norm = base.l2_norm(packed_grads)
         if self._opt.clip_grad_norm is not None:
             clip = self._opt.clip_grad_norm
             packed_grads = base.clip_to_norm(packed_grads, clip, grad_norm)
