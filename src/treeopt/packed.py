@@ -7,11 +7,10 @@ fixes a weight tree's layout and keeps weights, gradients and slots in it:
 - elementwise optimizers (SGD, Adam, Momentum, RMSProp): one flat buffer per
   dtype, every leaf raveled and concatenated in flatten order;
 - the others (Adafactor, SM3, any subclass): one stacked buffer per (shape,
-  dtype), updated with ``jax.vmap`` of the per-leaf ``update`` (of ``_apply``,
-  after one ``_prepare`` per compute dtype, where the optimizer has them, as
-  ``tree_update`` does), so per-leaf
-  statistics (factored moments, sketches, parameter RMS) stay per leaf; a leaf
-  whose shape and dtype no other leaf has stays as it is.
+  dtype), updated with ``jax.vmap`` of the per-leaf ``update`` (or, as in
+  ``tree_update``, of ``_apply`` after one ``_prepare`` per compute dtype), so
+  per-leaf statistics (factored moments, sketches, parameter RMS) stay per
+  leaf; a leaf whose shape and dtype no other leaf has stays as it is.
 
 Either way the packed step computes what ``tree_update`` computes, leaf by leaf;
 ``pack_slots``/``unpack_slots`` convert slots to and from the Trax per-leaf layout
