@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -343,6 +344,18 @@ class Optimizer:
         update = getattr(self.update, "__func__", None)
         return update is Optimizer.update and type(self)._apply is not Optimizer._apply
 
+    def _leaf_fn(
+        self, step: ArrayLike, opt_params: OptParams, dtype: Any, cache: dict
+    ) -> Any:
+        """The step of one leaf of compute dtype ``dtype`` as ``fn(g, w, s)``:
+        ``_apply`` after ``_prepare``, which runs once per dtype (kept in
+        ``cache``), or ``update`` when the optimizer does not split it."""
+        if not self._is_split():
+            return lambda g, w, s: self.update(step, g, w, s, opt_params)
+        if dtype not in cache:
+            cache[dtype] = self._prepare(step, opt_params, dtype)
+        return functools.partial(self._apply, cache[dtype])
+
     def tree_init(
         self, weight_tree: PyTree, store_slots: bool = True
     ) -> tuple[tuple, OptParams]:
@@ -393,16 +406,11 @@ class Optimizer:
             grad_norm = l2_norm(grads)
         if self._clip_grad_norm is not None:
             grads = clip_to_norm(grads, self._clip_grad_norm, grad_norm)
-        split, prepared = self._is_split(), {}
+        prepared: dict = {}  # per-step scalars once per compute dtype
         new_weights, new_slots = [], []
         for g, w, s in zip(grads, weights, slots, strict=True):
-            if split:  # per-step scalars once per compute dtype, not per leaf
-                dt = compute_dtype(w)
-                if dt not in prepared:
-                    prepared[dt] = self._prepare(step, opt_params, dt)
-                w_new, s_new = self._apply(prepared[dt], g, w, s)
-            else:
-                w_new, s_new = self.update(step, g, w, s, opt_params)
+            leaf_fn = self._leaf_fn(step, opt_params, compute_dtype(w), prepared)
+            w_new, s_new = leaf_fn(g, w, s)
             new_weights.append(as_dtype(w_new, w.dtype))
             new_slots.append(cast_like(s_new, s))
         new_weight_tree = jax.tree.unflatten(treedef, new_weights)

@@ -23,7 +23,6 @@ step, which on thousands of leaves costs more than it saves.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -205,17 +204,9 @@ class Packed:
         new_w, new_s = [], []
         groups = zip(packed_grads, packed_weights, slots, strict=True)
         for k, (g, w, s) in enumerate(groups):
-            if opt._is_split():  # as tree_update: scalars once per compute dtype
-                dt = base.compute_dtype(w)
-                if dt not in prepared:
-                    prepared[dt] = opt._prepare(step, opt_params, dt)
-                fn = functools.partial(opt._apply, prepared[dt])
-                w_new, s_new = self._apply(k, fn, (0, 0, 0), g, w, s)
-            else:
-                axes = (None, 0, 0, 0, None)
-                w_new, s_new = self._apply(
-                    k, opt.update, axes, step, g, w, s, opt_params
-                )
+            # As in tree_update: per-step scalars once per compute dtype.
+            fn = opt._leaf_fn(step, opt_params, base.compute_dtype(w), prepared)
+            w_new, s_new = self._apply(k, fn, (0, 0, 0), g, w, s)
             new_w.append(base.as_dtype(w_new, w.dtype))
             new_s.append(base.cast_like(s_new, s))
         new_w, new_s = tuple(new_w), tuple(new_s)
