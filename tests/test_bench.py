@@ -116,6 +116,31 @@ def test_profile_counts_kernels_and_bytes(tiny_result):
     assert "ideal B/param" in bench.to_markdown(tiny_result)
 
 
+# Hand-written optimized HLO: a multi-output fusion writing two full-size
+# arrays, a second kernel reading one of them through get-tuple-element and a
+# copy; scalars and small arrays do not count.
+_HLO = """HloModule m
+
+ENTRY %main.1 (p.1: f32[8,4], m.1: f32[8,4], g.1: f32[8,4], lr.1: f32[]) -> (...) {
+  %p.1 = f32[8,4]{1,0} parameter(0)
+  %m.1 = f32[8,4]{1,0} parameter(1)
+  %g.1 = f32[8,4]{1,0} parameter(2)
+  %lr.1 = f32[] parameter(3)
+  %small = f32[4]{0} fusion(%lr.1), kind=kLoop, calls=%c0
+  %mof = (f32[8,4]{1,0}, f32[8,4]{1,0}) fusion(%g.1, %m.1, %lr.1, /*i=3*/%p.1), calls=%c
+  %gte.0 = f32[8,4]{1,0} get-tuple-element(%mof), index=0
+  %gte.1 = f32[8,4]{1,0} get-tuple-element(%mof), index=1
+  %copy.1 = f32[8,4]{1,0} copy(%gte.1)
+  ROOT %tuple = (f32[8,4]{1,0}, f32[8,4]{1,0}) tuple(%gte.0, %copy.1)
+}
+"""
+
+
+def test_hlo_passes_counts_multi_output_fusions():
+    assert bench.hlo_passes(_HLO, (8, 4)) == [("mof", 3 + 2), ("copy.1", 2)]
+    assert bench.hlo_passes(_HLO, (4,)) == [("small", 1)]
+
+
 @pytest.mark.parametrize("concurrent", [True, False])
 def test_runners_compiled_together_or_in_turn_step_the_same(concurrent):
     import jax.numpy as jnp

@@ -165,6 +165,28 @@ def test_flat_layout_groups_by_dtype():
     assert_trees_equal(pk.unpack(flats), weights)
 
 
+@pytest.mark.parametrize("cls", [treeopt.Adam, treeopt.Momentum, treeopt.RMSProp])
+def test_flat_leaf_alone_in_its_dtype_is_kept_and_equals_per_leaf(cls):
+    # Raveled inside the step, the lone leaf's loop compiled differently from
+    # the per-leaf one: XLA:CPU contracted the other product of Adam's
+    # b1 * m + (1 - b1) * g into an FMA, and m differed in its last bit.
+    def tree(seed, scale=1.0):
+        rng = np.random.default_rng(seed)
+
+        def r(shape, dtype=np.float32):
+            return jnp.asarray(scale * rng.standard_normal(shape), dtype)
+
+        return {"w": r((33, 17)), "b": r((17,)), "emb": r((40, 8), jnp.bfloat16)}
+
+    weights = tree(0)
+    pk = packed.Packed(cls(0.05), weights)
+    assert [f.shape for f in pk.pack(weights)] == [(33 * 17 + 17,), (40, 8)]
+    grads = [tree(1 + k) for k in range(3)]
+    (w_leaf, s_leaf), (w_pack, s_pack) = run_both(cls(0.05), weights, grads)
+    assert_trees_equal(w_pack, w_leaf)
+    assert_trees_equal(s_pack, s_leaf)
+
+
 def test_stacked_layout_groups_by_shape_and_dtype():
     weights = mixed_tree(3)
     pk = packed.Packed(treeopt.Adafactor(), weights)

@@ -24,6 +24,8 @@ class Adam(base.Optimizer):
     https://arxiv.org/abs/1412.6980.
     """
 
+    _elementwise = True
+
     def __init__(
         self,
         learning_rate: ArrayLike = 1e-4,

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from treeopt import fusion
+
 PyTree = Any
 Slots = Any
 OptParams = dict[str, jax.Array]
@@ -229,6 +231,14 @@ def clip_grads(grad_tree: PyTree, max_norm: ArrayLike) -> PyTree:
 # ---------------------------------------------------------------- Optimizer
 
 
+def is_elementwise(optimizer: Any) -> bool:
+    """Whether ``optimizer``'s class declares ``_elementwise = True`` in its own
+    body (not inherited: a subclass may change the math): its per-leaf step is
+    elementwise, so leaves may be concatenated (``treeopt.packed``) and, with
+    XLA:CPU's multi-output fusion, compiled to one loop (``treeopt.fusion``)."""
+    return bool(type(optimizer).__dict__.get("_elementwise", False))
+
+
 class Optimizer:
     """Base class: subclasses define ``init`` and ``update`` for ONE leaf.
 
@@ -244,6 +254,9 @@ class Optimizer:
     ``tree_update`` calls ``_prepare`` once per compute dtype instead of once per
     leaf, which keeps the traced program (and its compile time) small on trees
     with many leaves. The built-in optimizers do this.
+
+    A class that sets ``_elementwise = True`` in its own body declares that its
+    per-leaf step has no reductions over a leaf (see ``is_elementwise``).
     """
 
     def __init__(
@@ -349,12 +362,19 @@ class Optimizer:
     ) -> Any:
         """The step of one leaf of compute dtype ``dtype`` as ``fn(g, w, s)``:
         ``_apply`` after ``_prepare``, which runs once per dtype (kept in
-        ``cache``), or ``update`` when the optimizer does not split it."""
+        ``cache``), or ``update`` when the optimizer does not split it.
+
+        An elementwise optimizer's step goes through
+        ``fusion.sibling_outputs`` when XLA:CPU's multi-output fusion is on, so
+        each leaf compiles to one loop (see ``treeopt.fusion``)."""
         if not self._is_split():
             return lambda g, w, s: self.update(step, g, w, s, opt_params)
         if dtype not in cache:
             cache[dtype] = self._prepare(step, opt_params, dtype)
-        return functools.partial(self._apply, cache[dtype])
+        fn = functools.partial(self._apply, cache[dtype])
+        if is_elementwise(self) and fusion.cpu_multi_output_fusion():
+            return fusion.sibling_outputs(fn)
+        return fn
 
     def tree_init(
         self, weight_tree: PyTree, store_slots: bool = True
@@ -477,6 +497,8 @@ class SGD(Optimizer):
     Slots: ``None``.
     Robbins & Monro, "A Stochastic Approximation Method" (1951).
     """
+
+    _elementwise = True
 
     def init(self, weights: jax.Array) -> None:
         del weights

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import treeopt
+from treeopt import fusion
 from treeopt import packed as packed_lib
 
 Shapes = dict[str, tuple[int, ...]]
@@ -447,6 +448,7 @@ def machine_info() -> dict:
         "jax": jax.__version__,
         "optax": optax.__version__,
         "treeopt": treeopt.__version__,
+        "xla_cpu_multi_output_fusion": fusion.cpu_multi_output_fusion(),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
     }
 
@@ -470,33 +472,48 @@ def _row_summary(row: dict) -> str:
 
 # ----------------------------------------------------------------- profile
 
-_INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\S+?)(?:\{[^}]*\})? (\w[\w-]*)\((.*?)\)")
+# name = shape op(operands): the shape is one array or, for a multi-output
+# fusion, a tuple of arrays; a layout in braces may follow each array.
+_INSTR = re.compile(
+    r"^\s*(?:ROOT )?%(\S+) = (\([^()]*\)|\S+?)(?:\{[^}]*\})? (\w[\w-]*)\((.*?)\)"
+)
 
 
 def hlo_passes(compiled_text: str, shape: tuple[int, ...]) -> list[tuple[str, int]]:
     """The kernels of a compiled step that touch full-size (``shape``) arrays.
 
     Reads the optimized HLO's entry computation; returns ``(name, n)`` per kernel
-    (fusion, copy, ...) whose output or operands have ``shape``, ``n`` being how
-    many full-size arrays it reads plus writes.
+    (fusion, copy, ...) whose outputs or operands have ``shape``, ``n`` being how
+    many full-size arrays it reads plus writes (a multi-output fusion writes
+    several; reading one of its outputs reads one array).
     """
     full = "[" + ",".join(map(str, shape)) + "]"
+
+    def is_full(array_shape: str) -> bool:
+        return re.sub(r"\{[^}]*\}", "", array_shape).endswith(full)
+
     entry = compiled_text[compiled_text.index("\nENTRY") :]
-    shapes: dict[str, str] = {}
+    shapes: dict[str, list[str]] = {}
     passes = []
     for line in entry.splitlines():
         m = _INSTR.match(line)
         if m is None:
             continue
         name, out_shape, op, operands = m.groups()
-        shapes[name] = out_shape
-        if op in ("parameter", "tuple", "get-tuple-element", "bitcast", "constant"):
+        outs = [x.strip() for x in out_shape.strip("()").split(", ")]
+        if op == "get-tuple-element":
+            index = int(re.search(r"index=(\d+)", line).group(1))
+            source = shapes.get(operands.strip().lstrip("%"), [""])
+            shapes[name] = [source[index] if index < len(source) else ""]
             continue
-        n_in = sum(
-            shapes.get(x.strip().lstrip("%"), "").endswith(full)
-            for x in re.sub(r"/\*.*?\*/", "", operands).split(",")
-        )
-        n_out = out_shape.endswith(full)
+        shapes[name] = outs
+        if op in ("parameter", "tuple", "bitcast", "constant"):
+            continue
+        names = [
+            x.strip().lstrip("%") for x in re.sub(r"/\*.*?\*/", "", operands).split(",")
+        ]
+        n_in = sum(len(shapes.get(x, [])) == 1 and is_full(shapes[x][0]) for x in names)
+        n_out = sum(is_full(x) for x in outs)
         if n_in or n_out:
             passes.append((name, n_in + n_out))
     return passes
@@ -571,7 +588,13 @@ def to_markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
         f"{m['device']} ({m['platform']}, {m['cpu_count']} cores), jax {m['jax']}, "
-        f"optax {m['optax']}, {m['date']}. Bandwidth of a jitted axpy as large "
+        f"optax {m['optax']}, {m['date']}"
+        + (
+            ", XLA:CPU multi-output fusion on"
+            if m.get("xla_cpu_multi_output_fusion")
+            else ""
+        )
+        + ". Bandwidth of a jitted axpy as large "
         "as each tree: "
         + ", ".join(f"{k} {v:.0f} GB/s" for k, v in result["bandwidth_gbs"].items())
         + ".",

@@ -26,6 +26,8 @@ class Momentum(base.Optimizer):
     the learning rate is called ``lr`` in the math, not ``epsilon``.
     """
 
+    _elementwise = True
+
     def __init__(
         self,
         learning_rate: ArrayLike = 0.01,

@@ -5,7 +5,8 @@ much compile time); packed, a step costs a few kernels per group. ``Packed``
 fixes a weight tree's layout and keeps weights, gradients and slots in it:
 
 - elementwise optimizers (SGD, Adam, Momentum, RMSProp): one flat buffer per
-  dtype, every leaf raveled and concatenated in flatten order;
+  dtype, every leaf raveled and concatenated in flatten order (a leaf alone in
+  its dtype stays as it is);
 - the others (Adafactor, SM3, any subclass): one stacked buffer per (shape,
   dtype), updated with ``jax.vmap`` of the per-leaf ``update`` (or, as in
   ``tree_update``, of ``_apply`` after one ``_prepare`` per compute dtype), so
@@ -31,18 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from treeopt import base, guard
-from treeopt.adam import Adam
-from treeopt.momentum import Momentum
-from treeopt.rms_prop import RMSProp
-
-_ELEMENTWISE = (base.SGD, Adam, Momentum, RMSProp)
 
 PackedBuffers = tuple[jax.Array, ...]
 
 
 def is_elementwise(optimizer: base.Optimizer) -> bool:
-    """Whether ``optimizer``'s update is elementwise, so leaves can be concatenated."""
-    return type(optimizer) in _ELEMENTWISE
+    """Whether ``optimizer``'s update is elementwise, so leaves can be concatenated
+    (its class declares it: ``base.is_elementwise``)."""
+    return base.is_elementwise(optimizer)
 
 
 class Packed:
@@ -92,15 +89,21 @@ class Packed:
     # ------------------------------------------------------------- layout
 
     def _join(self, parts: list[jax.Array]) -> jax.Array:
+        # A leaf alone in its group is kept as it is: no copies, and its step
+        # compiles to the same loop as the per-leaf one (raveled, XLA:CPU may
+        # contract another product into an FMA and round differently).
+        if len(parts) == 1:
+            return jnp.asarray(parts[0])
         if self._flat:
             return jnp.concatenate([jnp.ravel(x) for x in parts])
-        # A leaf alone in its group is kept as it is: no stack axis, no copies.
-        return jnp.stack(parts) if len(parts) > 1 else jnp.asarray(parts[0])
+        return jnp.stack(parts)
 
     def _split(self, k: int, buf: jax.Array) -> list[jax.Array]:
         members, offsets = self._groups[k], self._offsets[k]
+        if len(members) == 1:
+            return [buf]
         if not self._flat:
-            return [buf[j] for j in range(len(members))] if len(members) > 1 else [buf]
+            return [buf[j] for j in range(len(members))]
         bounds = zip(members, offsets[:-1], offsets[1:], strict=True)
         return [buf[lo:hi].reshape(self._shapes[i]) for i, lo, hi in bounds]
 

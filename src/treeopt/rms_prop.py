@@ -22,6 +22,8 @@ class RMSProp(base.Optimizer):
     lecture 6.5 (2012).
     """
 
+    _elementwise = True
+
     def __init__(
         self,
         learning_rate: ArrayLike = 1e-3,

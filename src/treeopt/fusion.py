@@ -1,0 +1,77 @@
+"""One loop per leaf on XLA:CPU, when its multi-output fusion is turned on.
+
+XLA:CPU compiles each output of a step to a loop of its own: Adam's new ``m``,
+``v`` and ``w`` are three passes over memory, 40 bytes per float32 parameter
+where 28 would do. XLA has a multi-output fusion for CPU, off by default in
+jax 0.10; it is turned on for the process, before JAX starts its CPU backend::
+
+    XLA_FLAGS=--xla_backend_extra_options=xla_cpu_use_multi_output_fusion
+
+It merges loops that read the same operands ("siblings") into one loop with
+several outputs, but not a loop into the loop that reads its output, and the
+weight update of Momentum, RMSProp and Adam reads the new slots. With the option
+on, ``Optimizer._leaf_fn`` runs such an optimizer's step through
+``sibling_outputs``, which computes the new weights from the inputs instead, so
+XLA emits one loop per leaf that reads ``g``, ``w`` and the slots once and writes
+``w`` and the slots once: the memory-traffic bound. Without the option that
+form would be slower (XLA copies each donated slot first), so it is used only
+when ``cpu_multi_output_fusion()`` has seen the option work.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+OPTION = "xla_cpu_use_multi_output_fusion"
+XLA_FLAGS = f"--xla_backend_extra_options={OPTION}"
+
+
+def cpu_multi_output_fusion() -> bool:
+    """Whether the default backend is XLA:CPU with multi-output fusion on.
+
+    ``False`` at no cost unless ``$XLA_FLAGS`` names the option; then JAX's
+    default backend must be the CPU and a probe (two outputs of the same
+    inputs, compiled once per process) must come back as one fused loop.
+    """
+    if OPTION not in os.environ.get("XLA_FLAGS", ""):
+        return False
+    return _probe()
+
+
+@functools.cache
+def _probe() -> bool:
+    if jax.default_backend() != "cpu":
+        return False
+    x = jax.ShapeDtypeStruct((1024,), jnp.float32)
+    text = jax.jit(lambda a, b: (a + b, a * b)).lower(x, x).compile().as_text()
+    entry = text[text.index("\nENTRY") :]
+    return any(" = (" in line and " fusion(" in line for line in entry.splitlines())
+
+
+def sibling_outputs(step: Callable[..., tuple[Any, Any]]) -> Callable:
+    """``step(g, w, s) -> (new_w, new_s)`` rewritten so that ``new_w`` and
+    ``new_s`` are computed side by side from the inputs.
+
+    ``new_s`` comes from ``step`` as it is; ``new_w`` from a second call on the
+    same ``g, w, s`` passed through ``jax.lax.optimization_barrier``, which keeps
+    XLA from sharing the two calls' work (and so reading the stored ``new_s``)
+    and costs nothing at run time. Each unused half is dropped by XLA. The same
+    operations on the same values: the tests find the same bits as ``step``'s
+    for every elementwise optimizer, option on or off (XLA:CPU contracts
+    ``a * x + b * y`` into an FMA, and which product it picks can depend on the
+    loop around it, so the guarantee is the tests', not XLA's).
+    """
+
+    def fused(g: Any, w: Any, s: Any) -> tuple[Any, Any]:
+        _, new_s = step(g, w, s)
+        g2, w2, s2 = jax.lax.optimization_barrier((g, w, s))
+        new_w, _ = step(g2, w2, s2)
+        return new_w, new_s
+
+    return fused

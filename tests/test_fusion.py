@@ -1,0 +1,93 @@
+"""XLA:CPU multi-output fusion (treeopt.fusion): the sibling form of a step
+computes the same bits, is used only where the XLA option works, and then
+compiles each elementwise leaf's step to one loop at the memory-traffic bound."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fusion_cases as fc
+from treeopt import fusion
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Arrays one step reads plus writes: g, w and each slot read, w and each slot written.
+IDEAL_ARRAYS = {"momentum-nesterov": 5, "rmsprop": 5, "adam": 7}
+
+
+@pytest.fixture(scope="module")
+def option_on(tmp_path_factory):
+    """fusion_worker.py's results, run in a process with the option on."""
+    out = tmp_path_factory.mktemp("fusion") / "on.npz"
+    env = {**os.environ, "XLA_FLAGS": fusion.XLA_FLAGS, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, os.path.join(HERE, "fusion_worker.py"), str(out)]
+    proc = subprocess.run(
+        cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with np.load(out) as data:
+        return dict(data)
+
+
+def _assert_same_bits(actual: dict, expected: dict, case_id: str) -> None:
+    assert sorted(actual) == sorted(expected), case_id
+    for path, x in expected.items():
+        np.testing.assert_array_equal(actual[path], x, err_msg=f"{case_id} {path}")
+
+
+def test_the_option_is_detected_in_a_process_that_sets_it(option_on):
+    assert bool(option_on["on"])
+
+
+def _results(option_on: dict, case_id: str) -> dict:
+    return {
+        k.split("/", 1)[1]: v
+        for k, v in option_on.items()
+        if k.startswith(case_id + "/") and not k.endswith("/kernels")
+    }
+
+
+@pytest.mark.parametrize("case_id", list(fc.CASES))
+def test_same_bits_with_the_option_on_and_off(option_on, case_id):
+    off = fc.run_case(fc.CASES[case_id]())
+    _assert_same_bits(_results(option_on, case_id), off, case_id)
+
+
+def test_packed_equals_per_leaf_with_the_option_on(option_on):
+    _assert_same_bits(
+        _results(option_on, "adam-packed"), _results(option_on, "adam"), "adam"
+    )
+
+
+@pytest.mark.parametrize("case_id", list(fc.PROFILED))
+def test_one_loop_per_leaf_with_the_option_on(option_on, case_id):
+    # One kernel touches the full-size arrays, and it moves each of them once.
+    kernels = option_on[f"{case_id}/kernels"].tolist()
+    assert kernels == [IDEAL_ARRAYS[case_id]]
+
+
+@pytest.mark.parametrize("case_id", list(fc.CASES))
+def test_sibling_form_gives_the_same_bits_without_the_option(monkeypatch, case_id):
+    # Without XLA's multi-output fusion the sibling form is slower (copies) but
+    # must still compute exactly what the plain step computes.
+    plain = fc.run_case(fc.CASES[case_id]())
+    monkeypatch.setattr(fusion, "cpu_multi_output_fusion", lambda: True)
+    sibling = fc.run_case(fc.CASES[case_id]())
+    _assert_same_bits(sibling, plain, case_id)
+
+
+def test_off_unless_the_option_is_named(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    assert not fusion.cpu_multi_output_fusion()
+    monkeypatch.delenv("XLA_FLAGS")
+    assert not fusion.cpu_multi_output_fusion()
+
+
+def test_off_when_named_after_the_backend_started(monkeypatch):
+    # XLA reads $XLA_FLAGS once, when the backend starts (it has in this
+    # process): naming the option later must not switch to the sibling form,
+    # which would then copy every donated slot.
+    monkeypatch.setenv("XLA_FLAGS", fusion.XLA_FLAGS)
+    assert not fusion.cpu_multi_output_fusion()
