@@ -187,6 +187,16 @@ def test_flat_leaf_alone_in_its_dtype_is_kept_and_equals_per_leaf(cls):
     assert_trees_equal(s_pack, s_leaf)
 
 
+@pytest.mark.parametrize("cls", [treeopt.Adam, treeopt.Adafactor])
+def test_layout_from_shapes_alone_is_the_same(cls):
+    weights = mixed_tree(3)
+    shapes = jax.eval_shape(lambda: weights)  # jax.ShapeDtypeStruct leaves
+    from_arrays, from_shapes = (packed.Packed(cls(), t) for t in (weights, shapes))
+    assert_trees_equal(from_shapes.pack(weights), from_arrays.pack(weights))
+    with pytest.raises(TypeError, match="not float"):
+        packed.Packed(cls(), {"a": jax.ShapeDtypeStruct((2,), jnp.int32)})
+
+
 def test_stacked_layout_groups_by_shape_and_dtype():
     weights = mixed_tree(3)
     pk = packed.Packed(treeopt.Adafactor(), weights)

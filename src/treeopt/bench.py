@@ -19,6 +19,7 @@ import platform
 import re
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import jax
@@ -248,9 +249,10 @@ def measure_bandwidth(n: int = 1 << 24, repeats: int = 15) -> float:
 class _Runner:
     """One compiled, donated step of one library on one tree, with its state.
 
-    Built in two phases: ``__init__`` traces and lowers (Python, holds the GIL),
-    ``compile`` runs XLA, which releases the GIL, so the steps of a row can
-    compile at the same time on different cores (see ``compile_all``).
+    Built in phases: ``__init__`` traces and lowers (Python, holds the GIL; the
+    arguments may be ``jax.ShapeDtypeStruct``), ``compile`` runs XLA, which
+    releases the GIL, so steps compile on other cores while more are traced
+    (see ``run``), and ``set_args`` gives it the arrays to step on.
     """
 
     def __init__(self, step_fn: Callable, args: tuple, donate: tuple, static: tuple):
@@ -272,6 +274,10 @@ class _Runner:
         self.compile_s = self.lower_s + time.perf_counter() - t0
         self._lowered = None
 
+    def set_args(self, args: tuple) -> None:
+        """The arrays to step on (same shapes and dtypes as at lowering)."""
+        self._args = args
+
     def step(self, record: bool) -> None:
         t0 = time.perf_counter()
         out = self._compiled(*self._static, *self._args)
@@ -291,15 +297,12 @@ def compile_all(runners: Sequence[_Runner], concurrent: bool = True) -> None:
     XLA compiles one module on one core, so on an idle machine with as many
     cores as runners each compile takes as long as it would alone (measured
     here: 5.4 and 5.8 s together against 5.1 and 5.5 s one after the other for
-    the 300-leaf Adafactor steps of both libraries), and the row's wall time is
-    the slowest compile instead of the sum.
+    the 300-leaf Adafactor steps of both libraries).
     """
     if not concurrent or len(runners) < 2:
         for r in runners:
             r.compile()
         return
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(
         max_workers=max(1, min(len(runners), _cpu_count()))
     ) as pool:
@@ -307,125 +310,187 @@ def compile_all(runners: Sequence[_Runner], concurrent: bool = True) -> None:
             future.result()
 
 
-def _treeopt_runner(opt: treeopt.Optimizer, params: Any, grads: Any) -> tuple:
-    slots, opt_params = opt.tree_init(params, store_slots=False)
+# A step to benchmark: (step_fn, make_args(params, grads), donated argnums,
+# static leading args). make_args builds the full argument tuple, whose entry 1
+# is the optimizer state.
+_Step = tuple[Callable, Callable, tuple, tuple]
+
+
+def _treeopt_step(opt: treeopt.Optimizer) -> _Step:
+    def make_args(params: Any, grads: Any) -> tuple:
+        slots, opt_params = opt.tree_init(params, store_slots=False)
+        return params, slots, grads, opt_params
 
     def step_fn(step, params, slots, grads, opt_params):
-        new_params, new_slots = opt.tree_update(
+        return opt.tree_update(
             step, grads, params, slots, opt_params, store_slots=False
         )
-        return new_params, new_slots
 
-    step = jnp.asarray(0, jnp.int32)
-    args = (params, slots, grads, opt_params)
-    return _Runner(step_fn, args, (1, 2), (step,)), _nbytes(slots)
+    return step_fn, make_args, (1, 2), (jnp.asarray(0, jnp.int32),)
 
 
-def _packed_runner(opt: treeopt.Optimizer, params: Any, grads: Any) -> tuple:
+def _packed_step(opt: treeopt.Optimizer, params: Any) -> _Step:
     """Weights and gradients held packed, as a model using ``Packed`` keeps them."""
     pk = packed_lib.Packed(opt, params)
-    params, grads = pk.pack(params), pk.pack(grads)
-    slots, opt_params = pk.init(params)
+
+    def make_args(params: Any, grads: Any) -> tuple:
+        params, grads = pk.pack(params), pk.pack(grads)
+        slots, opt_params = pk.init(params)
+        return params, slots, grads, opt_params
 
     def step_fn(step, params, slots, grads, opt_params):
         return pk.update(step, grads, params, slots, opt_params)
 
-    step = jnp.asarray(0, jnp.int32)
-    args = (params, slots, grads, opt_params)
-    return _Runner(step_fn, args, (1, 2), (step,)), _nbytes(slots)
+    return step_fn, make_args, (1, 2), (jnp.asarray(0, jnp.int32),)
 
 
-def _optax_runner(tx: Any, params: Any, grads: Any) -> tuple:
+def _optax_step(tx: Any) -> _Step:
     import optax
 
-    state = tx.init(params)
+    def make_args(params: Any, grads: Any) -> tuple:
+        return params, tx.init(params), grads
 
     def step_fn(params, state, grads):
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    return _Runner(step_fn, (params, state, grads), (0, 1), ()), _nbytes(state)
+    return step_fn, make_args, (0, 1), ()
 
 
 def _copy(tree: Any) -> Any:
     return jax.tree.map(jnp.copy, tree)
 
 
-def bench_row(
-    tree_name: str, shapes: Shapes, opt_name: str, cfg: Config, bandwidth: float
-) -> dict:
-    """Compiles and times one (tree, optimizer) row; returns its record."""
+@dataclasses.dataclass
+class _Row:
+    """One (tree, optimizer) row: its steps, lowered, waiting to be timed."""
+
+    tree: str
+    optimizer: str
+    shapes: Shapes
+    steps: dict[str, _Step]
+    runners: dict[str, _Runner]
+    state_bytes: dict[str, int]
+
+
+def _plan_row(tree_name: str, shapes: Shapes, opt_name: str, cfg: Config) -> _Row:
+    """Traces and lowers the row's steps on abstract trees (no arrays made)."""
     make_treeopt, make_optax = _optax_configs()[opt_name]
-    params = make_tree(shapes, seed=0)
-    grads = make_tree(shapes, seed=1)
-    param_bytes = _nbytes(params)
-    runners: dict[str, _Runner] = {}
-    state_bytes: dict[str, int] = {}
-    runners["treeopt"], state_bytes["treeopt"] = _treeopt_runner(
-        make_treeopt(), _copy(params), grads
-    )
-    runners["optax"], state_bytes["optax"] = _optax_runner(
-        make_optax(), _copy(params), grads
-    )
+    params = jax.eval_shape(lambda: make_tree(shapes, seed=0))
+    steps = {
+        "treeopt": _treeopt_step(make_treeopt()),
+        "optax": _optax_step(make_optax()),
+    }
     if cfg.packed:
-        runners["packed"], state_bytes["packed"] = _packed_runner(
-            make_treeopt(), _copy(params), grads
-        )
+        steps["packed"] = _packed_step(make_treeopt(), params)
+    runners, state_bytes = {}, {}
+    for name, (step_fn, make_args, donate, static) in steps.items():
+        args = jax.eval_shape(make_args, params, params)
+        runners[name] = _Runner(step_fn, args, donate, static)
+        state_bytes[name] = _nbytes(args[1])
+    return _Row(tree_name, opt_name, shapes, steps, runners, state_bytes)
+
+
+def _time_row(row: _Row, cfg: Config, bandwidth: float) -> dict:
+    """Steps the compiled runners of ``row``, interleaved; returns its record."""
+    params = make_tree(row.shapes, seed=0)
+    grads = make_tree(row.shapes, seed=1)
+    param_bytes = _nbytes(params)
+    for name, r in row.runners.items():
+        r.set_args(row.steps[name][1](_copy(params), grads))
     del params
-    compile_all(list(runners.values()), cfg.concurrent_compile)
-    for r in runners.values():
+    for r in row.runners.values():
         r.step(record=False)
-    order = list(runners.values())
+    order = list(row.runners.values())
     for i in range(cfg.rounds):
         for r in order if i % 2 == 0 else order[::-1]:
             for _ in range(cfg.steps_per_round):
                 r.step(record=True)
-    row: dict[str, Any] = {
-        "tree": tree_name,
-        "optimizer": opt_name,
-        "n_leaves": len(shapes),
-        "n_params": int(sum(np.prod(s) for s in shapes.values())),
+    record: dict[str, Any] = {
+        "tree": row.tree,
+        "optimizer": row.optimizer,
+        "n_leaves": len(row.shapes),
+        "n_params": int(sum(np.prod(s) for s in row.shapes.values())),
         "param_bytes": param_bytes,
     }
-    for name, r in runners.items():
-        moved = 3 * param_bytes + 2 * state_bytes[name]
-        row[name] = {
+    for name, r in row.runners.items():
+        moved = 3 * param_bytes + 2 * row.state_bytes[name]
+        record[name] = {
             "ms": r.median_ms(),
             "compile_s": r.compile_s,
             "lower_s": r.lower_s,
-            "state_bytes": state_bytes[name],
+            "state_bytes": row.state_bytes[name],
             "bound_ms": 1e3 * moved / bandwidth,
             "pct_of_bound": 100 * (1e3 * moved / bandwidth) / r.median_ms(),
         }
-    row["ratio"] = row["treeopt"]["ms"] / row["optax"]["ms"]
-    if "packed" in row:
-        row["packed_ratio"] = row["packed"]["ms"] / row["optax"]["ms"]
-    return row
+        r.set_args(())  # free the row's arrays
+    record["ratio"] = record["treeopt"]["ms"] / record["optax"]["ms"]
+    if "packed" in record:
+        record["packed_ratio"] = record["packed"]["ms"] / record["optax"]["ms"]
+    return record
+
+
+def bench_row(
+    tree_name: str, shapes: Shapes, opt_name: str, cfg: Config, bandwidth: float
+) -> dict:
+    """Lowers, compiles and times one (tree, optimizer) row; returns its record."""
+    row = _plan_row(tree_name, shapes, opt_name, cfg)
+    compile_all(list(row.runners.values()), cfg.concurrent_compile)
+    return _time_row(row, cfg, bandwidth)
 
 
 def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
-    """Runs every row of ``cfg``; a failing row is recorded, not raised."""
+    """Runs every row of ``cfg``; a failing row is recorded, not raised.
+
+    Two phases. First every row's steps are traced and lowered, one after the
+    other, and each is handed to a pool of compile threads (at most one per
+    core; concurrently only with ``cfg.concurrent_compile``), so XLA compiles
+    while Python traces the next steps. Then, with nothing else running, each
+    row is timed: bandwidth probe (once per tree), fresh arrays, interleaved
+    steps. A row's ``wall_s`` is its tracing plus its timing; compile times are
+    in each step's record.
+    """
     start = time.perf_counter()
     result: dict = {"machine": machine_info(), "bandwidth_gbs": {}, "rows": []}
-    for tree_name, opt_name in cfg.row_order():
-        t0 = time.perf_counter()
-        if t0 - start > cfg.budget_s:
-            row = {"tree": tree_name, "optimizer": opt_name, "error": "skipped: budget"}
-        else:
+    workers = _cpu_count() if cfg.concurrent_compile else 1
+    planned: list[tuple[str, str, Any, float]] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for tree_name, opt_name in cfg.row_order():
+            t0 = time.perf_counter()
+            if t0 - start > cfg.budget_s:
+                planned.append((tree_name, opt_name, "skipped: budget", 0.0))
+                continue
             try:
-                shapes = cfg.trees[tree_name]
-                if tree_name not in result["bandwidth_gbs"]:
-                    n = int(sum(np.prod(s) for s in shapes.values()))
-                    n = max(1 << 10, min(n, cfg.bandwidth_elements))
-                    result["bandwidth_gbs"][tree_name] = measure_bandwidth(n) / 1e9
-                bandwidth = 1e9 * result["bandwidth_gbs"][tree_name]
-                row = bench_row(tree_name, shapes, opt_name, cfg, bandwidth)
-            except Exception as e:  # a row may run out of memory; keep the rest
-                row = {"tree": tree_name, "optimizer": opt_name, "error": repr(e)}
-        row["wall_s"] = time.perf_counter() - t0
-        result["rows"].append(row)
-        if log is not None:
-            log(_row_summary(row))
+                row = _plan_row(tree_name, cfg.trees[tree_name], opt_name, cfg)
+                futures = [pool.submit(r.compile) for r in row.runners.values()]
+                planned.append((tree_name, opt_name, (row, futures), 0.0))
+            except Exception as e:  # e.g. an unknown optimizer; keep the rest
+                planned.append((tree_name, opt_name, repr(e), 0.0))
+            planned[-1] = (*planned[-1][:3], time.perf_counter() - t0)
+        # Every compile has ended before the first step is timed.
+        wait(
+            [f for *_, plan, _ in planned if not isinstance(plan, str) for f in plan[1]]
+        )
+        for tree_name, opt_name, plan, plan_s in planned:
+            t0 = time.perf_counter()
+            if isinstance(plan, str):
+                record: dict = {"tree": tree_name, "optimizer": opt_name, "error": plan}
+            else:
+                try:
+                    row, futures = plan
+                    for future in futures:
+                        future.result()
+                    record = _time_row(row, cfg, _bandwidth(result, cfg, tree_name))
+                except Exception as e:  # a row may run out of memory; keep the rest
+                    record = {
+                        "tree": tree_name,
+                        "optimizer": opt_name,
+                        "error": repr(e),
+                    }
+            record["wall_s"] = plan_s + time.perf_counter() - t0
+            result["rows"].append(record)
+            if log is not None:
+                log(_row_summary(record))
     if cfg.profile_shape is not None:
         result["profile"] = {
             "shape": list(cfg.profile_shape),
@@ -433,6 +498,15 @@ def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
         }
     result["wall_s"] = time.perf_counter() - start
     return result
+
+
+def _bandwidth(result: dict, cfg: Config, tree_name: str) -> float:
+    """The tree's axpy bandwidth in bytes/s, measured once per tree."""
+    if tree_name not in result["bandwidth_gbs"]:
+        n = int(sum(np.prod(s) for s in cfg.trees[tree_name].values()))
+        n = max(1 << 10, min(n, cfg.bandwidth_elements))
+        result["bandwidth_gbs"][tree_name] = measure_bandwidth(n) / 1e9
+    return 1e9 * result["bandwidth_gbs"][tree_name]
 
 
 def machine_info() -> dict:

@@ -54,7 +54,8 @@ class Packed:
 
         Args:
           optimizer: any treeopt optimizer.
-          weight_tree: any pytree of float arrays; only its layout is kept.
+          weight_tree: any pytree of float arrays (or ``jax.ShapeDtypeStruct``);
+            only its layout is kept.
         """
         self._opt = optimizer
         # A SkipNonFinite wrapper guards the whole packed step (see ``update``);
@@ -63,7 +64,11 @@ class Packed:
         self._step_opt = optimizer.inner if self._guarded else optimizer
         self._flat = is_elementwise(self._step_opt)
         leaves, self._treedef = jax.tree.flatten(weight_tree)
-        leaves = [jnp.asarray(x) for x in leaves]
+        # Arrays or anything with a shape and dtype (jax.ShapeDtypeStruct).
+        leaves = [
+            x if hasattr(x, "shape") and hasattr(x, "dtype") else jnp.asarray(x)
+            for x in leaves
+        ]
         for path, x in zip(_paths(weight_tree), leaves, strict=True):
             if not jnp.issubdtype(x.dtype, jnp.floating):
                 raise TypeError(f"weight at {path} has dtype {x.dtype}, not float")
