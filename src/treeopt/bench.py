@@ -17,6 +17,7 @@ import dataclasses
 import json
 import platform
 import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -443,30 +444,33 @@ def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
     """Runs every row of ``cfg``; a failing row is recorded, not raised.
 
     Two phases. First every row's steps are traced and lowered, one after the
-    other, and each is handed to a pool of compile threads (at most one per
-    core; concurrently only with ``cfg.concurrent_compile``), so XLA compiles
-    while Python traces the next steps. Then, with nothing else running, each
-    row is timed: bandwidth probe (once per tree), fresh arrays, interleaved
-    steps. A row's ``wall_s`` is its tracing plus its timing; compile times are
-    in each step's record.
+    other, and each is handed to a pool of compile threads, so XLA compiles
+    while Python traces the next steps (one thread per core, tracing included;
+    one compile at a time without ``cfg.concurrent_compile``). Then, with
+    nothing else running, each row is timed: bandwidth probe (once per tree),
+    fresh arrays, interleaved steps. A row's ``wall_s`` is its tracing plus its
+    timing; compile times are in each step's record.
     """
     start = time.perf_counter()
     result: dict = {"machine": machine_info(), "bandwidth_gbs": {}, "rows": []}
-    workers = _cpu_count() if cfg.concurrent_compile else 1
+    workers = max(1, _cpu_count() if cfg.concurrent_compile else 1)
+    # One core per thread: tracing holds a core, so one compile fewer runs
+    # until every row is traced.
+    cores = threading.Semaphore(workers)
+
+    def compile_on_a_core(runner: _Runner) -> None:
+        with cores:
+            runner.compile()
+
     planned: list[tuple[str, str, Any, float]] = []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for tree_name, opt_name in cfg.row_order():
-            t0 = time.perf_counter()
-            if t0 - start > cfg.budget_s:
-                planned.append((tree_name, opt_name, "skipped: budget", 0.0))
-                continue
-            try:
-                row = _plan_row(tree_name, cfg.trees[tree_name], opt_name, cfg)
-                futures = [pool.submit(r.compile) for r in row.runners.values()]
-                planned.append((tree_name, opt_name, (row, futures), 0.0))
-            except Exception as e:  # e.g. an unknown optimizer; keep the rest
-                planned.append((tree_name, opt_name, repr(e), 0.0))
-            planned[-1] = (*planned[-1][:3], time.perf_counter() - t0)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        cores.acquire()
+        try:
+            _plan_rows(cfg, start, pool, compile_on_a_core, planned)
+        finally:
+            cores.release()
+        if log is not None:
+            log(f"traced {len(planned)} rows in {time.perf_counter() - start:.0f} s")
         # Every compile has ended before the first step is timed.
         wait(
             [f for *_, plan, _ in planned if not isinstance(plan, str) for f in plan[1]]
@@ -498,6 +502,29 @@ def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
         }
     result["wall_s"] = time.perf_counter() - start
     return result
+
+
+def _plan_rows(
+    cfg: Config,
+    start: float,
+    pool: ThreadPoolExecutor,
+    compile_fn: Callable,
+    planned: list,
+) -> None:
+    """Traces the rows of ``cfg`` in order, submits their compiles to ``pool``
+    and appends ``(tree, optimizer, (row, futures) or error, tracing s)``."""
+    for tree_name, opt_name in cfg.row_order():
+        t0 = time.perf_counter()
+        if t0 - start > cfg.budget_s:
+            planned.append((tree_name, opt_name, "skipped: budget", 0.0))
+            continue
+        try:
+            row = _plan_row(tree_name, cfg.trees[tree_name], opt_name, cfg)
+            futures = [pool.submit(compile_fn, r) for r in row.runners.values()]
+            plan: Any = (row, futures)
+        except Exception as e:  # e.g. an unknown optimizer; keep the rest
+            plan = repr(e)
+        planned.append((tree_name, opt_name, plan, time.perf_counter() - t0))
 
 
 def _bandwidth(result: dict, cfg: Config, tree_name: str) -> float:
