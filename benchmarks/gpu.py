@@ -55,6 +55,7 @@ def main() -> int:
         rows=ROWS,
         budget_s=args.budget,
         profile_shape=None,  # the profile reads XLA:CPU's HLO
+        pipeline=False,  # row by row: the budget bounds the run
     )
 
     def log(line: str) -> None:

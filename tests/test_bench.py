@@ -66,13 +66,16 @@ def test_markdown_and_json_outputs(tiny_result):
     assert json.loads(bench.to_json(tiny_result))["rows"][0]["optimizer"] == "sgd"
 
 
-def test_failing_row_is_recorded_and_budget_skips_rows():
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_failing_row_is_recorded_and_budget_skips_rows(pipeline):
     cfg = bench.Config(
         trees={"t": {"w": (8, 8)}},
         rows=[("t", "no_such_optimizer"), ("t", "sgd")],
         rounds=1,
         steps_per_round=1,
         bandwidth_elements=1 << 10,
+        profile_shape=None,
+        pipeline=pipeline,
     )
     failed, ok = bench.run(cfg)["rows"]
     assert "no_such_optimizer" in failed["error"]

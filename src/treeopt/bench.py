@@ -174,8 +174,12 @@ class Config:
     budget_s: float = float("inf")
     # One leaf of this shape is profiled (kernels, bytes per parameter); None: no.
     profile_shape: tuple[int, ...] | None = (4096, 4096)
-    # Compile the steps of a row at the same time (at most one per core).
+    # Compile steps at the same time (at most one thread per core).
     concurrent_compile: bool = True
+    # Trace every row first while XLA compiles, then time the rows (see
+    # ``run``); False: trace, compile and time one row after the other, so
+    # ``budget_s`` bounds the whole run (what a lent accelerator needs).
+    pipeline: bool = True
 
     def row_order(self) -> list[tuple[str, str]]:
         if self.rows is not None:
@@ -449,10 +453,17 @@ def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
     one compile at a time without ``cfg.concurrent_compile``). Then, with
     nothing else running, each row is timed: bandwidth probe (once per tree),
     fresh arrays, interleaved steps. A row's ``wall_s`` is its tracing plus its
-    timing; compile times are in each step's record.
+    timing; compile times are in each step's record. ``budget_s`` stops the
+    tracing, not the compiles or timing of rows already traced; with
+    ``cfg.pipeline=False`` rows run one after the other and no row starts
+    after ``budget_s``.
     """
     start = time.perf_counter()
     result: dict = {"machine": machine_info(), "bandwidth_gbs": {}, "rows": []}
+    if not cfg.pipeline:
+        _run_row_by_row(cfg, start, result, log)
+        result["wall_s"] = time.perf_counter() - start
+        return result
     workers = max(1, _cpu_count() if cfg.concurrent_compile else 1)
     # One core per thread: tracing holds a core, so one compile fewer runs
     # until every row is traced.
@@ -502,6 +513,28 @@ def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
         }
     result["wall_s"] = time.perf_counter() - start
     return result
+
+
+def _run_row_by_row(
+    cfg: Config, start: float, result: dict, log: Callable[[str], None] | None
+) -> None:
+    """``run`` without the pipeline: each row traced, compiled and timed in turn."""
+    for tree_name, opt_name in cfg.row_order():
+        t0 = time.perf_counter()
+        if t0 - start > cfg.budget_s:
+            record: dict = {"tree": tree_name, "optimizer": opt_name}
+            record["error"] = "skipped: budget"
+        else:
+            try:
+                shapes = cfg.trees[tree_name]
+                bandwidth = _bandwidth(result, cfg, tree_name)
+                record = bench_row(tree_name, shapes, opt_name, cfg, bandwidth)
+            except Exception as e:  # a row may run out of memory; keep the rest
+                record = {"tree": tree_name, "optimizer": opt_name, "error": repr(e)}
+        record["wall_s"] = time.perf_counter() - t0
+        result["rows"].append(record)
+        if log is not None:
+            log(_row_summary(record))
 
 
 def _plan_rows(
