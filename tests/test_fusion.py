@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -86,8 +87,30 @@ def test_off_unless_the_option_is_named(monkeypatch):
 
 
 def test_off_when_named_after_the_backend_started(monkeypatch):
-    # XLA reads $XLA_FLAGS once, when the backend starts (it has in this
-    # process): naming the option later must not switch to the sibling form,
-    # which would then copy every donated slot.
+    # XLA reads $XLA_FLAGS once, when the backend starts: naming the option
+    # later must not switch to the sibling form, which would then copy every
+    # donated slot.
+    jax.devices()  # the backend starts here, without the option
+    fusion._probe.cache_clear()
     monkeypatch.setenv("XLA_FLAGS", fusion.XLA_FLAGS)
-    assert not fusion.cpu_multi_output_fusion()
+    try:
+        assert not fusion.cpu_multi_output_fusion()
+    finally:
+        fusion._probe.cache_clear()
+
+
+def test_sgd_has_no_slots_and_keeps_its_step(monkeypatch):
+    # Nothing to fuse with one output: the sibling form must not double the trace.
+    def n_equations():
+        opt = fc.CASES["sgd"]()
+        w = fc.make_tree(0)
+        slots, op = opt.tree_init(w, store_slots=False)
+
+        def step(g, w, s):
+            return opt.tree_update(0, g, w, s, op, store_slots=False)
+
+        return len(jax.make_jaxpr(step)(w, w, slots).jaxpr.eqns)
+
+    plain = n_equations()
+    monkeypatch.setattr(fusion, "cpu_multi_output_fusion", lambda: True)
+    assert n_equations() == plain

@@ -197,6 +197,20 @@ def test_layout_from_shapes_alone_is_the_same(cls):
         packed.Packed(cls(), {"a": jax.ShapeDtypeStruct((2,), jnp.int32)})
 
 
+@pytest.mark.parametrize("cls", [treeopt.Adam, treeopt.Adafactor])
+def test_a_lone_leaf_is_copied_so_donation_keeps_the_callers_array(cls):
+    weights = {"w": jnp.ones((4, 3)), "e": jnp.ones((3, 2), jnp.bfloat16)}
+    pk = packed.Packed(cls(0.1), weights)
+    flat = pk.pack(weights)
+    assert all(x is not weights["e"] for x in flat)
+    slots, p = pk.init(flat)
+    step = jax.jit(lambda w, s, g: pk.update(0, g, w, s, p), donate_argnums=(0, 1))
+    new, _ = step(flat, slots, pk.pack(weights))
+    leaves = jax.tree.leaves(pk.unpack(new))
+    assert all(leaf is not buf for leaf in leaves for buf in new)
+    np.testing.assert_array_equal(np.asarray(weights["e"], np.float32), 1.0)
+
+
 def test_stacked_layout_groups_by_shape_and_dtype():
     weights = mixed_tree(3)
     pk = packed.Packed(treeopt.Adafactor(), weights)

@@ -97,8 +97,8 @@ class Packed:
         # A leaf alone in its group is kept as it is: no copies, and its step
         # compiles to the same loop as the per-leaf one (raveled, XLA:CPU may
         # contract another product into an FMA and round differently).
-        if len(parts) == 1:
-            return jnp.asarray(parts[0])
+        if len(parts) == 1:  # a copy, as concatenate makes: never the caller's array
+            return jnp.array(parts[0], copy=True)
         if self._flat:
             return jnp.concatenate([jnp.ravel(x) for x in parts])
         return jnp.stack(parts)
@@ -106,7 +106,7 @@ class Packed:
     def _split(self, k: int, buf: jax.Array) -> list[jax.Array]:
         members, offsets = self._groups[k], self._offsets[k]
         if len(members) == 1:
-            return [buf]
+            return [jnp.array(buf, copy=True)]
         if not self._flat:
             return [buf[j] for j in range(len(members))]
         bounds = zip(members, offsets[:-1], offsets[1:], strict=True)
