@@ -17,7 +17,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 sys.path.insert(0, SRC)
 
-from treeopt import bench  # noqa: E402  (after the sys.path line)
+from treeopt import bench, fusion  # noqa: E402  (after the sys.path line)
 
 ROWS = [
     ("transformer_1b", "adam"),
@@ -40,7 +40,14 @@ def main() -> int:
     p.add_argument("--out", default="gpu.json", help="JSON result path")
     p.add_argument("--budget", type=float, default=110.0, help="no row starts later")
     p.add_argument("--smoke", action="store_true", help="tiny trees: checks it runs")
+    p.add_argument(
+        "--sibling-outputs",
+        action="store_true",
+        help="treeopt's elementwise steps in the sibling form (treeopt.fusion)",
+    )
     args = p.parse_args()
+    if args.sibling_outputs:
+        fusion.use_sibling_outputs(True)
     t0 = time.perf_counter()
     big = bench.transformer_shapes(2048, 20, 32768, 2048, 16)
     small = bench.many_small_shapes(1000, 4)

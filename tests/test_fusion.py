@@ -114,3 +114,31 @@ def test_sgd_has_no_slots_and_keeps_its_step(monkeypatch):
     plain = n_equations()
     monkeypatch.setattr(fusion, "cpu_multi_output_fusion", lambda: True)
     assert n_equations() == plain
+
+
+def _adam_equations() -> int:
+    opt = fc.CASES["adam"]()
+    w = fc.make_tree(0)
+    slots, op = opt.tree_init(w, store_slots=False)
+
+    def step(g, w, s):
+        return opt.tree_update(0, g, w, s, op, store_slots=False)
+
+    return len(jax.make_jaxpr(step)(w, w, slots).jaxpr.eqns)
+
+
+def test_use_sibling_outputs_forces_the_form_either_way(monkeypatch):
+    plain = _adam_equations()
+    try:
+        fusion.use_sibling_outputs(True)  # on any backend, option or not
+        assert fusion.sibling_outputs_enabled()
+        assert _adam_equations() > plain
+        monkeypatch.setattr(fusion, "cpu_multi_output_fusion", lambda: True)
+        fusion.use_sibling_outputs(False)
+        assert _adam_equations() == plain
+        fusion.use_sibling_outputs(None)  # back to detection (patched: on)
+        assert _adam_equations() > plain
+        with pytest.raises(TypeError, match="True, False or None"):
+            fusion.use_sibling_outputs("yes")
+    finally:
+        fusion.use_sibling_outputs(None)

@@ -372,7 +372,7 @@ class Optimizer:
         if dtype not in cache:
             cache[dtype] = self._prepare(step, opt_params, dtype)
         fn = functools.partial(self._apply, cache[dtype])
-        if is_elementwise(self) and fusion.cpu_multi_output_fusion():
+        if is_elementwise(self) and fusion.sibling_outputs_enabled():
             return fusion.sibling_outputs(fn)
         return fn
 

@@ -583,6 +583,7 @@ def machine_info() -> dict:
         "optax": optax.__version__,
         "treeopt": treeopt.__version__,
         "xla_cpu_multi_output_fusion": fusion.cpu_multi_output_fusion(),
+        "sibling_outputs": fusion.sibling_outputs_enabled(),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
     }
 
@@ -724,9 +725,12 @@ def to_markdown(result: dict) -> str:
         f"{m['device']} ({m['platform']}, {m['cpu_count']} cores), jax {m['jax']}, "
         f"optax {m['optax']}, {m['date']}"
         + (
-            ", XLA:CPU multi-output fusion on"
-            if m.get("xla_cpu_multi_output_fusion")
-            else ""
+            (
+                ", XLA:CPU multi-output fusion on"
+                if m.get("xla_cpu_multi_output_fusion")
+                else ""
+            )
+            + (", treeopt sibling outputs on" if m.get("sibling_outputs") else "")
         )
         + ". Bandwidth of a jitted axpy as large "
         "as each tree: "

@@ -32,6 +32,26 @@ OPTION = "xla_cpu_use_multi_output_fusion"
 XLA_FLAGS = f"--xla_backend_extra_options={OPTION}"
 
 
+_forced: bool | None = None
+
+
+def use_sibling_outputs(enabled: bool | None) -> None:
+    """Forces the sibling form of elementwise steps on (``True``) or off
+    (``False``) on any backend, or returns to detecting it (``None``: on when
+    ``cpu_multi_output_fusion()``). Takes effect at the next trace; for
+    measuring it elsewhere, e.g. on a GPU, whose XLA fuses multiple outputs by
+    default."""
+    global _forced
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True, False or None, got {enabled!r}")
+    _forced = enabled
+
+
+def sibling_outputs_enabled() -> bool:
+    """Whether ``Optimizer`` steps elementwise optimizers in the sibling form."""
+    return cpu_multi_output_fusion() if _forced is None else _forced
+
+
 def cpu_multi_output_fusion() -> bool:
     """Whether the default backend is XLA:CPU with multi-output fusion on.
 
