@@ -99,25 +99,10 @@ def test_off_when_named_after_the_backend_started(monkeypatch):
         fusion._probe.cache_clear()
 
 
-def test_sgd_has_no_slots_and_keeps_its_step(monkeypatch):
-    # Nothing to fuse with one output: the sibling form must not double the trace.
-    def n_equations():
-        opt = fc.CASES["sgd"]()
-        w = fc.make_tree(0)
-        slots, op = opt.tree_init(w, store_slots=False)
-
-        def step(g, w, s):
-            return opt.tree_update(0, g, w, s, op, store_slots=False)
-
-        return len(jax.make_jaxpr(step)(w, w, slots).jaxpr.eqns)
-
-    plain = n_equations()
-    monkeypatch.setattr(fusion, "cpu_multi_output_fusion", lambda: True)
-    assert n_equations() == plain
-
-
-def _adam_equations() -> int:
-    opt = fc.CASES["adam"]()
+def _equations(case_id: str) -> int:
+    """Equations of the traced tree_update of a case: the sibling form traces
+    the step twice."""
+    opt = fc.CASES[case_id]()
     w = fc.make_tree(0)
     slots, op = opt.tree_init(w, store_slots=False)
 
@@ -127,17 +112,24 @@ def _adam_equations() -> int:
     return len(jax.make_jaxpr(step)(w, w, slots).jaxpr.eqns)
 
 
+def test_sgd_has_no_slots_and_keeps_its_step(monkeypatch):
+    # Nothing to fuse with one output: the sibling form must not double the trace.
+    plain = _equations("sgd")
+    monkeypatch.setattr(fusion, "cpu_multi_output_fusion", lambda: True)
+    assert _equations("sgd") == plain
+
+
 def test_use_sibling_outputs_forces_the_form_either_way(monkeypatch):
-    plain = _adam_equations()
+    plain = _equations("adam")
     try:
         fusion.use_sibling_outputs(True)  # on any backend, option or not
         assert fusion.sibling_outputs_enabled()
-        assert _adam_equations() > plain
+        assert _equations("adam") > plain
         monkeypatch.setattr(fusion, "cpu_multi_output_fusion", lambda: True)
         fusion.use_sibling_outputs(False)
-        assert _adam_equations() == plain
+        assert _equations("adam") == plain
         fusion.use_sibling_outputs(None)  # back to detection (patched: on)
-        assert _adam_equations() > plain
+        assert _equations("adam") > plain
         with pytest.raises(TypeError, match="True, False or None"):
             fusion.use_sibling_outputs("yes")
     finally:
