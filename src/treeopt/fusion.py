@@ -85,11 +85,11 @@ def sibling_outputs(step: Callable[..., tuple[Any, Any]]) -> Callable:
     program doubles (compile time grows by about a third on 500 small leaves).
     The barrier also makes XLA write out a gradient computed just before it (a
     clipped gradient, or one from the backward pass in the same jit): the step
-    is then one loop after that write. The same
-    operations on the same values: the tests find the same bits as ``step``'s
-    for every elementwise optimizer, option on or off (XLA:CPU contracts
-    ``a * x + b * y`` into an FMA, and which product it picks can depend on the
-    loop around it, so the guarantee is the tests', not XLA's).
+    is then one loop after that write. The same operations on the same values:
+    the tests find the same bits as ``step``'s for every elementwise optimizer,
+    option on or off (XLA:CPU contracts ``a * x + b * y`` into an FMA, and which
+    product it picks can depend on the loop around it, so the guarantee is the
+    tests', not XLA's). Without slots (SGD) ``step`` is used as it is.
     """
 
     def fused(g: Any, w: Any, s: Any) -> tuple[Any, Any]:

@@ -94,10 +94,11 @@ class Packed:
     # ------------------------------------------------------------- layout
 
     def _join(self, parts: list[jax.Array]) -> jax.Array:
-        # A leaf alone in its group is kept as it is: no copies, and its step
-        # compiles to the same loop as the per-leaf one (raveled, XLA:CPU may
-        # contract another product into an FMA and round differently).
-        if len(parts) == 1:  # a copy, as concatenate makes: never the caller's array
+        # A leaf alone in its group keeps its shape, so its step compiles to the
+        # per-leaf loop (raveled, XLA:CPU may contract another product into an
+        # FMA and round differently); copied, as concatenate would, so that a
+        # donated update never deletes the caller's array.
+        if len(parts) == 1:
             return jnp.array(parts[0], copy=True)
         if self._flat:
             return jnp.concatenate([jnp.ravel(x) for x in parts])
