@@ -84,6 +84,22 @@ def test_failing_row_is_recorded_and_budget_skips_rows(pipeline):
     assert [r["error"] for r in skipped] == ["skipped: budget"] * 2
 
 
+def test_row_by_row_order_keeps_the_profile_and_the_row_record():
+    cfg = bench.Config(
+        trees={"t": {"w": (8, 8)}},
+        rows=[("t", "adam")],
+        rounds=1,
+        steps_per_round=1,
+        bandwidth_elements=1 << 10,
+        profile_shape=(8, 8),
+        pipeline=False,
+    )
+    result = bench.run(cfg)
+    (row,) = result["rows"]
+    assert row["treeopt"]["ms"] > 0 and row["wall_s"] > 0
+    assert [r["optimizer"] for r in result["profile"]["rows"]] == list(bench.OPTIMIZERS)
+
+
 def test_script_writes_table_and_json(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_script", SCRIPT)
     script = importlib.util.module_from_spec(spec)

@@ -1,10 +1,10 @@
 """Step time and memory of treeopt against optax: the engine of ``treeopt bench``.
 
-Needs ``optax`` (the ``optax`` extra). Everything runs in one process: for each
-(tree, optimizer) row both libraries are compiled, then timed interleaved, one
-jitted step at a time with donated buffers and ``block_until_ready``, and the
-median is kept; a row's steps are traced one after the other and compiled at
-the same time, at most one per core (``Config.concurrent_compile``). The bound of a
+Needs ``optax`` (the ``optax`` extra). Everything runs in one process: every
+(tree, optimizer) row's steps, both libraries', are traced and compiled (in
+threads, at most one per core, while the next ones are traced; see ``run``),
+then each row is timed interleaved, one jitted step at a time with donated
+buffers and ``block_until_ready``, and the median is kept. The bound of a
 row is the time an ideal step takes: the bytes it must move (read ``w``, ``g``
 and the state once, write ``w`` and the state once) at the bandwidth of a
 jitted ``y <- a x + y`` over as many elements as the tree has parameters (the
@@ -373,7 +373,7 @@ class _Row:
     tree: str
     optimizer: str
     shapes: Shapes
-    steps: dict[str, _Step]
+    make_args: dict[str, Callable]
     runners: dict[str, _Runner]
     state_bytes: dict[str, int]
 
@@ -393,7 +393,8 @@ def _plan_row(tree_name: str, shapes: Shapes, opt_name: str, cfg: Config) -> _Ro
         args = jax.eval_shape(make_args, params, params)
         runners[name] = _Runner(step_fn, args, donate, static)
         state_bytes[name] = _nbytes(args[1])
-    return _Row(tree_name, opt_name, shapes, steps, runners, state_bytes)
+    make_args = {name: step[1] for name, step in steps.items()}
+    return _Row(tree_name, opt_name, shapes, make_args, runners, state_bytes)
 
 
 def _time_row(row: _Row, cfg: Config, bandwidth: float) -> dict:
@@ -402,7 +403,7 @@ def _time_row(row: _Row, cfg: Config, bandwidth: float) -> dict:
     grads = make_tree(row.shapes, seed=1)
     param_bytes = _nbytes(params)
     for name, r in row.runners.items():
-        r.set_args(row.steps[name][1](_copy(params), grads))
+        r.set_args(row.make_args[name](_copy(params), grads))
     del params
     for r in row.runners.values():
         r.step(record=False)
@@ -460,10 +461,38 @@ def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
     """
     start = time.perf_counter()
     result: dict = {"machine": machine_info(), "bandwidth_gbs": {}, "rows": []}
-    if not cfg.pipeline:
-        _run_row_by_row(cfg, start, result, log)
-        result["wall_s"] = time.perf_counter() - start
-        return result
+
+    def add(record: dict, t0: float) -> None:
+        record["wall_s"] = time.perf_counter() - t0
+        result["rows"].append(record)
+        if log is not None:
+            log(_row_summary(record))
+
+    if cfg.pipeline:
+        _run_pipelined(cfg, start, result, add, log)
+    else:
+        _run_row_by_row(cfg, start, result, add)
+    if cfg.profile_shape is not None:
+        result["profile"] = {
+            "shape": list(cfg.profile_shape),
+            "rows": profile_leaf(cfg.profile_shape),
+        }
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
+
+def _failed(tree_name: str, opt_name: str, why: str) -> dict:
+    return {"tree": tree_name, "optimizer": opt_name, "error": why}
+
+
+def _run_pipelined(
+    cfg: Config,
+    start: float,
+    result: dict,
+    add: Callable[[dict, float], None],
+    log: Callable[[str], None] | None,
+) -> None:
+    """``run``'s default order: trace everything while compiling, then time."""
     workers = max(1, _cpu_count() if cfg.concurrent_compile else 1)
     # One core per thread: tracing holds a core, so one compile fewer runs
     # until every row is traced.
@@ -487,54 +516,35 @@ def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
             [f for *_, plan, _ in planned if not isinstance(plan, str) for f in plan[1]]
         )
         for tree_name, opt_name, plan, plan_s in planned:
-            t0 = time.perf_counter()
+            # The row's wall time is its tracing plus its timing.
+            t0 = time.perf_counter() - plan_s
             if isinstance(plan, str):
-                record: dict = {"tree": tree_name, "optimizer": opt_name, "error": plan}
-            else:
-                try:
-                    row, futures = plan
-                    for future in futures:
-                        future.result()
-                    record = _time_row(row, cfg, _bandwidth(result, cfg, tree_name))
-                except Exception as e:  # a row may run out of memory; keep the rest
-                    record = {
-                        "tree": tree_name,
-                        "optimizer": opt_name,
-                        "error": repr(e),
-                    }
-            record["wall_s"] = plan_s + time.perf_counter() - t0
-            result["rows"].append(record)
-            if log is not None:
-                log(_row_summary(record))
-    if cfg.profile_shape is not None:
-        result["profile"] = {
-            "shape": list(cfg.profile_shape),
-            "rows": profile_leaf(cfg.profile_shape),
-        }
-    result["wall_s"] = time.perf_counter() - start
-    return result
+                add(_failed(tree_name, opt_name, plan), t0)
+                continue
+            try:
+                row, futures = plan
+                for future in futures:
+                    future.result()
+                add(_time_row(row, cfg, _bandwidth(result, cfg, tree_name)), t0)
+            except Exception as e:  # a row may run out of memory; keep the rest
+                add(_failed(tree_name, opt_name, repr(e)), t0)
 
 
 def _run_row_by_row(
-    cfg: Config, start: float, result: dict, log: Callable[[str], None] | None
+    cfg: Config, start: float, result: dict, add: Callable[[dict, float], None]
 ) -> None:
     """``run`` without the pipeline: each row traced, compiled and timed in turn."""
     for tree_name, opt_name in cfg.row_order():
         t0 = time.perf_counter()
         if t0 - start > cfg.budget_s:
-            record: dict = {"tree": tree_name, "optimizer": opt_name}
-            record["error"] = "skipped: budget"
-        else:
-            try:
-                shapes = cfg.trees[tree_name]
-                bandwidth = _bandwidth(result, cfg, tree_name)
-                record = bench_row(tree_name, shapes, opt_name, cfg, bandwidth)
-            except Exception as e:  # a row may run out of memory; keep the rest
-                record = {"tree": tree_name, "optimizer": opt_name, "error": repr(e)}
-        record["wall_s"] = time.perf_counter() - t0
-        result["rows"].append(record)
-        if log is not None:
-            log(_row_summary(record))
+            add(_failed(tree_name, opt_name, "skipped: budget"), t0)
+            continue
+        try:
+            shapes = cfg.trees[tree_name]
+            bandwidth = _bandwidth(result, cfg, tree_name)
+            add(bench_row(tree_name, shapes, opt_name, cfg, bandwidth), t0)
+        except Exception as e:  # a row may run out of memory; keep the rest
+            add(_failed(tree_name, opt_name, repr(e)), t0)
 
 
 def _plan_rows(
@@ -718,20 +728,20 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.1f}"
 
 
+# Machine-info switches named in the table's header line when on.
+_FLAGS = {
+    "xla_cpu_multi_output_fusion": "XLA:CPU multi-output fusion on",
+    "sibling_outputs": "treeopt sibling outputs on",
+}
+
+
 def to_markdown(result: dict) -> str:
     """The rows as a markdown table, with the machine line above it."""
     m = result["machine"]
     lines = [
         f"{m['device']} ({m['platform']}, {m['cpu_count']} cores), jax {m['jax']}, "
         f"optax {m['optax']}, {m['date']}"
-        + (
-            (
-                ", XLA:CPU multi-output fusion on"
-                if m.get("xla_cpu_multi_output_fusion")
-                else ""
-            )
-            + (", treeopt sibling outputs on" if m.get("sibling_outputs") else "")
-        )
+        + "".join(f", {text}" for key, text in _FLAGS.items() if m.get(key))
         + ". Bandwidth of a jitted axpy as large "
         "as each tree: "
         + ", ".join(f"{k} {v:.0f} GB/s" for k, v in result["bandwidth_gbs"].items())
