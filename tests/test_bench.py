@@ -4,6 +4,9 @@ import importlib.util
 import json
 import pathlib
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 pytest.importorskip("optax")
@@ -38,13 +41,41 @@ def test_every_row_has_both_libraries_and_consistent_numbers(tiny_result):
             rec = row[v]
             assert rec["ms"] > 0 and rec["compile_s"] > 0 and rec["bound_ms"] > 0
             moved = 3 * row["param_bytes"] + 2 * rec["state_bytes"]
-            bandwidth = tiny_result["bandwidth_gbs"][row["tree"]] * 1e9
+            bandwidth = row["axpy"]["gbs"] * 1e9
             expected_bound = 1e3 * moved / bandwidth
             assert rec["bound_ms"] == pytest.approx(expected_bound)
             assert rec["pct_of_bound"] == pytest.approx(
                 100 * rec["bound_ms"] / rec["ms"]
             )
         assert row["ratio"] == pytest.approx(row["treeopt"]["ms"] / row["optax"]["ms"])
+        # The probe covers as many elements as the tree (at least 1024) and its
+        # bandwidth is its 12 bytes per element over its median time.
+        probe = row["axpy"]
+        assert probe["elements"] == max(1024, row["n_params"])
+        assert probe["gbs"] == pytest.approx(12 * probe["elements"] / probe["ms"] / 1e6)
+
+
+def test_make_tree_draws_every_leaf_from_its_seed():
+    shapes = {"a/w": (3, 4), "a/b": (4,), "c": (), "d/e/f": (2, 1, 5)}
+    tree = bench.make_tree(shapes, seed=3)
+    assert jax.tree.structure(tree) == jax.tree.structure(
+        {"a": {"w": 0, "b": 0}, "c": 0, "d": {"e": {"f": 0}}}
+    )
+    leaves = {"a/w": tree["a"]["w"], "a/b": tree["a"]["b"], "c": tree["c"]}
+    leaves["d/e/f"] = tree["d"]["e"]["f"]
+    for name, shape in shapes.items():
+        assert leaves[name].shape == shape and leaves[name].dtype == jnp.float32
+    flat = np.concatenate([np.ravel(leaves[n]) for n in shapes])
+    assert len(np.unique(flat)) == flat.size  # no leaf repeats another's draw
+    again = bench.make_tree(shapes, seed=3)
+    other = bench.make_tree(shapes, seed=4)
+    trees = (tree, again, other)
+    for a, b, c in zip(*map(jax.tree.leaves, trees), strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(a, c) or a.size == 0
+    big = np.ravel(bench.make_tree({"w": (200, 500)}, seed=0)["w"])
+    assert abs(big.mean()) < 1e-3 and big.std() == pytest.approx(0.02, rel=0.02)
+    assert bench.make_tree({"w": (2, 3)}, 0, jnp.bfloat16)["w"].dtype == jnp.bfloat16
 
 
 def test_state_bytes_follow_the_slot_layouts(tiny_result):

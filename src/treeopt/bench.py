@@ -8,13 +8,14 @@ buffers and ``block_until_ready``, and the median is kept. The bound of a
 row is the time an ideal step takes: the bytes it must move (read ``w``, ``g``
 and the state once, write ``w`` and the state once) at the bandwidth of a
 jitted ``y <- a x + y`` over as many elements as the tree has parameters (the
-same memory regime: caches or DRAM).
+same memory regime: caches or DRAM), timed in the same rounds as the row.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import re
 import threading
@@ -109,13 +110,16 @@ def _nest(shapes: Shapes, leaf: Callable[[tuple[int, ...]], Any]) -> dict:
 
 
 def make_tree(shapes: Shapes, seed: int, dtype: Any = jnp.float32) -> dict:
-    """A nested dict of random normal leaves (std 0.02), made on the device."""
-    keys = iter(jax.random.split(jax.random.key(seed), len(shapes)))
+    """A nested dict of random normal leaves (std 0.02), drawn on the device.
 
-    def leaf(shape: tuple[int, ...]) -> jax.Array:
-        return 0.02 * jax.random.normal(next(keys), shape, dtype)
-
-    return _nest(shapes, leaf)
+    One draw of every element, cut into the leaves on the host and put back:
+    0.15 s for the 2000 small leaves here, where a draw per leaf took 6 s
+    (dispatch, and a compile per shape) and a jitted split 39 s to compile.
+    """
+    sizes = [math.prod(s) for s in shapes.values()]
+    flat = 0.02 * jax.random.normal(jax.random.key(seed), (sum(sizes),), dtype)
+    parts = iter(np.split(np.asarray(flat), np.cumsum(sizes)[:-1]))
+    return jax.device_put(_nest(shapes, lambda shape: next(parts).reshape(shape)))
 
 
 # -------------------------------------------------------------- optimizers
@@ -226,29 +230,6 @@ def _nbytes(tree: Any) -> int:
 
 def _block(tree: Any) -> None:
     jax.block_until_ready(tree)
-
-
-def measure_bandwidth(n: int = 1 << 24, repeats: int = 15) -> float:
-    """Memory bandwidth in bytes/s of a jitted, donated ``y <- a x + y``.
-
-    Each element moves 12 bytes (read x and y, write y). The fastest run is kept:
-    on a shared machine a median understates what the memory can do, and the
-    bound derived from it must be a lower bound on step time.
-    """
-    x = jnp.ones((n,), jnp.float32)
-    y = jnp.zeros((n,), jnp.float32)
-    axpy = jax.jit(lambda a, x, y: a * x + y, donate_argnums=2)
-    a = jnp.float32(0.5)
-    for _ in range(3):
-        y = axpy(a, x, y)
-    _block(y)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        y = axpy(a, x, y)
-        _block(y)
-        times.append(time.perf_counter() - t0)
-    return 12 * n / float(np.min(times))
 
 
 class _Runner:
@@ -362,6 +343,20 @@ def _optax_step(tx: Any) -> _Step:
     return step_fn, make_args, (0, 1), ()
 
 
+def _axpy(y: jax.Array, x: jax.Array) -> tuple[jax.Array]:
+    return (0.5 * x + y,)
+
+
+def _axpy_runner(n: int) -> _Runner:
+    """The bandwidth probe: a compiled, donated ``y <- x / 2 + y`` over ``n``
+    float32 elements, which moves 12 bytes per element (read x and y, write y)."""
+    vector = jax.ShapeDtypeStruct((n,), jnp.float32)
+    runner = _Runner(_axpy, (vector, vector), (0,), ())
+    runner.compile()
+    runner.set_args((jnp.zeros((n,), jnp.float32), jnp.ones((n,), jnp.float32)))
+    return runner
+
+
 def _copy(tree: Any) -> Any:
     return jax.tree.map(jnp.copy, tree)
 
@@ -381,7 +376,7 @@ class _Row:
 def _plan_row(tree_name: str, shapes: Shapes, opt_name: str, cfg: Config) -> _Row:
     """Traces and lowers the row's steps on abstract trees (no arrays made)."""
     make_treeopt, make_optax = _optax_configs()[opt_name]
-    params = jax.eval_shape(lambda: make_tree(shapes, seed=0))
+    params = _nest(shapes, lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32))
     steps = {
         "treeopt": _treeopt_step(make_treeopt()),
         "optax": _optax_step(make_optax()),
@@ -397,27 +392,39 @@ def _plan_row(tree_name: str, shapes: Shapes, opt_name: str, cfg: Config) -> _Ro
     return _Row(tree_name, opt_name, shapes, make_args, runners, state_bytes)
 
 
-def _time_row(row: _Row, cfg: Config, bandwidth: float) -> dict:
-    """Steps the compiled runners of ``row``, interleaved; returns its record."""
+def _time_row(row: _Row, cfg: Config) -> dict:
+    """Steps the compiled runners of ``row`` and the bandwidth probe,
+    interleaved; returns the row's record.
+
+    The probe runs in the same rounds as the steps, so the bound and the % of
+    it that a step reaches compare medians taken under the same load (a probe
+    timed once per tree, before its rows, put SGD's one-big step, the same
+    kernel as the probe, anywhere from 62 to 109% in runs on a shared machine).
+    """
     params = make_tree(row.shapes, seed=0)
     grads = make_tree(row.shapes, seed=1)
     param_bytes = _nbytes(params)
+    n_params = int(sum(math.prod(s) for s in row.shapes.values()))
     for name, r in row.runners.items():
         r.set_args(row.make_args[name](_copy(params), grads))
     del params
-    for r in row.runners.values():
+    n_probe = max(1 << 10, min(n_params, cfg.bandwidth_elements))
+    order = [*row.runners.values(), _axpy_runner(n_probe)]
+    for r in order:
         r.step(record=False)
-    order = list(row.runners.values())
     for i in range(cfg.rounds):
         for r in order if i % 2 == 0 else order[::-1]:
             for _ in range(cfg.steps_per_round):
                 r.step(record=True)
+    probe = order[-1]
+    bandwidth = 12 * n_probe / (probe.median_ms() / 1e3)
     record: dict[str, Any] = {
         "tree": row.tree,
         "optimizer": row.optimizer,
         "n_leaves": len(row.shapes),
-        "n_params": int(sum(np.prod(s) for s in row.shapes.values())),
+        "n_params": n_params,
         "param_bytes": param_bytes,
+        "axpy": {"elements": n_probe, "ms": probe.median_ms(), "gbs": bandwidth / 1e9},
     }
     for name, r in row.runners.items():
         moved = 3 * param_bytes + 2 * row.state_bytes[name]
@@ -429,6 +436,7 @@ def _time_row(row: _Row, cfg: Config, bandwidth: float) -> dict:
             "bound_ms": 1e3 * moved / bandwidth,
             "pct_of_bound": 100 * (1e3 * moved / bandwidth) / r.median_ms(),
         }
+    for r in order:
         r.set_args(())  # free the row's arrays
     record["ratio"] = record["treeopt"]["ms"] / record["optax"]["ms"]
     if "packed" in record:
@@ -436,13 +444,11 @@ def _time_row(row: _Row, cfg: Config, bandwidth: float) -> dict:
     return record
 
 
-def bench_row(
-    tree_name: str, shapes: Shapes, opt_name: str, cfg: Config, bandwidth: float
-) -> dict:
+def bench_row(tree_name: str, shapes: Shapes, opt_name: str, cfg: Config) -> dict:
     """Lowers, compiles and times one (tree, optimizer) row; returns its record."""
     row = _plan_row(tree_name, shapes, opt_name, cfg)
     compile_all(list(row.runners.values()), cfg.concurrent_compile)
-    return _time_row(row, cfg, bandwidth)
+    return _time_row(row, cfg)
 
 
 def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
@@ -452,15 +458,15 @@ def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
     other, and each is handed to a pool of compile threads, so XLA compiles
     while Python traces the next steps (one thread per core, tracing included;
     one compile at a time without ``cfg.concurrent_compile``). Then, with
-    nothing else running, each row is timed: bandwidth probe (once per tree),
-    fresh arrays, interleaved steps. A row's ``wall_s`` is its tracing plus its
+    nothing else running, each row is timed: fresh arrays, then its steps and
+    the bandwidth probe interleaved. A row's ``wall_s`` is its tracing plus its
     timing; compile times are in each step's record. ``budget_s`` stops the
     tracing, not the compiles or timing of rows already traced; with
     ``cfg.pipeline=False`` rows run one after the other and no row starts
     after ``budget_s``.
     """
     start = time.perf_counter()
-    result: dict = {"machine": machine_info(), "bandwidth_gbs": {}, "rows": []}
+    result: dict = {"machine": machine_info(), "rows": []}
 
     def add(record: dict, t0: float) -> None:
         record["wall_s"] = time.perf_counter() - t0
@@ -525,7 +531,7 @@ def _run_pipelined(
                 row, futures = plan
                 for future in futures:
                     future.result()
-                add(_time_row(row, cfg, _bandwidth(result, cfg, tree_name)), t0)
+                add(_time_row(row, cfg), t0)
             except Exception as e:  # a row may run out of memory; keep the rest
                 add(_failed(tree_name, opt_name, repr(e)), t0)
 
@@ -540,9 +546,7 @@ def _run_row_by_row(
             add(_failed(tree_name, opt_name, "skipped: budget"), t0)
             continue
         try:
-            shapes = cfg.trees[tree_name]
-            bandwidth = _bandwidth(result, cfg, tree_name)
-            add(bench_row(tree_name, shapes, opt_name, cfg, bandwidth), t0)
+            add(bench_row(tree_name, cfg.trees[tree_name], opt_name, cfg), t0)
         except Exception as e:  # a row may run out of memory; keep the rest
             add(_failed(tree_name, opt_name, repr(e)), t0)
 
@@ -568,15 +572,6 @@ def _plan_rows(
         except Exception as e:  # e.g. an unknown optimizer; keep the rest
             plan = repr(e)
         planned.append((tree_name, opt_name, plan, time.perf_counter() - t0))
-
-
-def _bandwidth(result: dict, cfg: Config, tree_name: str) -> float:
-    """The tree's axpy bandwidth in bytes/s, measured once per tree."""
-    if tree_name not in result["bandwidth_gbs"]:
-        n = int(sum(np.prod(s) for s in cfg.trees[tree_name].values()))
-        n = max(1 << 10, min(n, cfg.bandwidth_elements))
-        result["bandwidth_gbs"][tree_name] = measure_bandwidth(n) / 1e9
-    return 1e9 * result["bandwidth_gbs"][tree_name]
 
 
 def machine_info() -> dict:
@@ -742,14 +737,13 @@ def to_markdown(result: dict) -> str:
         f"{m['device']} ({m['platform']}, {m['cpu_count']} cores), jax {m['jax']}, "
         f"optax {m['optax']}, {m['date']}"
         + "".join(f", {text}" for key, text in _FLAGS.items() if m.get(key))
-        + ". Bandwidth of a jitted axpy as large "
-        "as each tree: "
-        + ", ".join(f"{k} {v:.0f} GB/s" for k, v in result["bandwidth_gbs"].items())
-        + ".",
+        + ". Bound: every array read once and every output written once, at the "
+        "bandwidth of a jitted axpy as large as the tree, timed in the row's rounds.",
         "",
         "| tree | optimizer | treeopt ms | optax ms | ratio | packed ms | packed "
-        "ratio | compile s (treeopt / optax / packed) | bound ms | % of bound "
-        "(treeopt / optax / packed) | state MB (treeopt / optax) / params MB |",
+        "ratio | compile s (treeopt / optax / packed) | bound ms (axpy GB/s) "
+        "| % of bound (treeopt / optax / packed) "
+        "| state MB (treeopt / optax) / params MB |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
@@ -767,7 +761,8 @@ def to_markdown(result: dict) -> str:
             + (f"{p['ms']:.3f} | {row['packed_ratio']:.2f}" if p else "- | -")
             + f" | {t['compile_s']:.2f} / {o['compile_s']:.2f} / "
             + (f"{p['compile_s']:.2f}" if p else "-")
-            + f" | {t['bound_ms']:.3f} | {t['pct_of_bound']:.0f} / "
+            + f" | {t['bound_ms']:.3f} ({row['axpy']['gbs']:.0f}) | "
+            f"{t['pct_of_bound']:.0f} / "
             f"{o['pct_of_bound']:.0f} / "
             + (f"{p['pct_of_bound']:.0f}" if p else "-")
             + f" | {_mb(t['state_bytes'])} / {_mb(o['state_bytes'])} / "
