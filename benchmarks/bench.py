@@ -1,12 +1,13 @@
 """treeopt vs optax step time on this machine; prints a markdown table.
 
 python benchmarks/bench.py [--quick | --tiny] [--json PATH] [--trees ...] [--opts ...]
+                           [--xla-cpu-multi-output-fusion]
 """
 
 import argparse
 import sys
 
-from treeopt import bench
+from treeopt import bench, fusion
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,7 +17,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     p.add_argument("--trees", nargs="+", choices=bench.TREES, default=bench.TREES)
     p.add_argument("--opts", nargs="+", choices=bench.OPTIMIZERS, default=None)
+    p.add_argument(
+        "--xla-cpu-multi-output-fusion",
+        action="store_true",
+        help="turn on XLA:CPU's multi-output fusion for the run (treeopt.fusion)",
+    )
     args = p.parse_args(argv)
+    if args.xla_cpu_multi_output_fusion:
+        fusion.enable_cpu_multi_output_fusion()
     cfg = bench.config("tiny" if args.tiny else "quick" if args.quick else "full")
     cfg = bench.dataclasses.replace(
         cfg,

@@ -153,6 +153,21 @@ def test_cli_bench_rejects_unknown_optimizer(capsys):
     assert "unknown optimizer 'lion'" in capsys.readouterr().err
 
 
+def test_cli_bench_fusion_option_needs_a_fresh_backend(capsys, monkeypatch):
+    from treeopt import cli, fusion
+
+    jax.devices()  # started without the option: it can no longer be turned on
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    fusion._probe.cache_clear()
+    try:
+        argv = ["bench", "--quick", "--xla-cpu-multi-output-fusion"]
+        assert cli.main(argv) == 2
+    finally:
+        fusion._probe.cache_clear()
+    err = capsys.readouterr().err
+    assert err.startswith("treeopt bench: error: JAX's CPU backend started before")
+
+
 def test_profile_counts_kernels_and_bytes(tiny_result):
     rows = {r["optimizer"]: r for r in tiny_result["profile"]["rows"]}
     assert set(rows) == set(bench.OPTIMIZERS)

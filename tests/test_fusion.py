@@ -134,3 +134,74 @@ def test_use_sibling_outputs_forces_the_form_either_way(monkeypatch):
             fusion.use_sibling_outputs("yes")
     finally:
         fusion.use_sibling_outputs(None)
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ("", fusion.XLA_FLAGS),
+        ("--xla_dump_to=/tmp/d", "--xla_dump_to=/tmp/d " + fusion.XLA_FLAGS),
+        (
+            "--xla_backend_extra_options=a=1,b --xla_dump_to=x",
+            f"--xla_backend_extra_options=a=1,b,{fusion.OPTION} --xla_dump_to=x",
+        ),
+        ("--xla_backend_extra_options=", fusion.XLA_FLAGS),
+        (fusion.XLA_FLAGS + " --xla_dump_to=x", fusion.XLA_FLAGS + " --xla_dump_to=x"),
+    ],
+)
+def test_with_option_adds_to_the_extra_options(before, after):
+    assert fusion.with_option(before) == after
+
+
+ENABLE_FIRST = """
+import jax, jax.numpy as jnp
+from treeopt import fusion
+fusion.enable_cpu_multi_output_fusion()
+import os
+print(os.environ["XLA_FLAGS"])
+print(len(jax.devices()), fusion.sibling_outputs_enabled())
+x = jax.ShapeDtypeStruct((4096,), jnp.float32)
+text = jax.jit(lambda a, b: (a + b, a * b)).lower(x, x).compile().as_text()
+print(sum(" fusion(" in line for line in text[text.index("ENTRY"):].splitlines()))
+"""
+
+
+def test_enable_before_the_backend_starts_turns_the_option_on():
+    # A flag already set is kept: two host devices, and the option on.
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", ENABLE_FIRST],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    flags, devices, fusions = proc.stdout.splitlines()[-3:]
+    assert flags == "--xla_force_host_platform_device_count=2 " + fusion.XLA_FLAGS
+    assert devices == "2 True"
+    assert fusions == "1"  # both outputs from one loop
+
+
+def test_enable_after_the_backend_started_raises_and_restores(monkeypatch):
+    jax.devices()  # the backend starts here, without the option
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=somewhere")
+    fusion._probe.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="started before"):
+            fusion.enable_cpu_multi_output_fusion()
+        assert os.environ["XLA_FLAGS"] == "--xla_dump_to=somewhere"
+        assert not fusion.sibling_outputs_enabled()
+        monkeypatch.delenv("XLA_FLAGS")
+        with pytest.raises(RuntimeError, match="XLA_FLAGS="):
+            fusion.enable_cpu_multi_output_fusion()
+        assert "XLA_FLAGS" not in os.environ
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+        with pytest.raises(RuntimeError, match=r"XLA:CPU option; .* 'gpu'"):
+            fusion.enable_cpu_multi_output_fusion()
+    finally:
+        fusion._probe.cache_clear()

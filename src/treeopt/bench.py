@@ -392,22 +392,25 @@ def _plan_row(tree_name: str, shapes: Shapes, opt_name: str, cfg: Config) -> _Ro
     return _Row(tree_name, opt_name, shapes, make_args, runners, state_bytes)
 
 
-def _time_row(row: _Row, cfg: Config) -> dict:
+def _time_row(row: _Row, cfg: Config, trees: dict | None = None) -> dict:
     """Steps the compiled runners of ``row`` and the bandwidth probe,
-    interleaved; returns the row's record.
+    interleaved; returns the row's record. ``trees`` keeps each tree's weights
+    and gradients for the next rows on it (each step gets its own copy of the
+    weights; gradients are never donated).
 
     The probe runs in the same rounds as the steps, so the bound and the % of
     it that a step reaches compare medians taken under the same load (a probe
     timed once per tree, before its rows, put SGD's one-big step, the same
     kernel as the probe, anywhere from 62 to 109% in runs on a shared machine).
     """
-    params = make_tree(row.shapes, seed=0)
-    grads = make_tree(row.shapes, seed=1)
+    trees = {} if trees is None else trees
+    if row.tree not in trees:
+        trees[row.tree] = make_tree(row.shapes, seed=0), make_tree(row.shapes, seed=1)
+    params, grads = trees[row.tree]
     param_bytes = _nbytes(params)
     n_params = int(sum(math.prod(s) for s in row.shapes.values()))
     for name, r in row.runners.items():
         r.set_args(row.make_args[name](_copy(params), grads))
-    del params
     n_probe = max(1 << 10, min(n_params, cfg.bandwidth_elements))
     order = [*row.runners.values(), _axpy_runner(n_probe)]
     for r in order:
@@ -444,11 +447,18 @@ def _time_row(row: _Row, cfg: Config) -> dict:
     return record
 
 
-def bench_row(tree_name: str, shapes: Shapes, opt_name: str, cfg: Config) -> dict:
-    """Lowers, compiles and times one (tree, optimizer) row; returns its record."""
+def bench_row(
+    tree_name: str,
+    shapes: Shapes,
+    opt_name: str,
+    cfg: Config,
+    trees: dict | None = None,
+) -> dict:
+    """Lowers, compiles and times one (tree, optimizer) row; returns its record.
+    ``trees``: the arrays of trees made for earlier rows (see ``_time_row``)."""
     row = _plan_row(tree_name, shapes, opt_name, cfg)
     compile_all(list(row.runners.values()), cfg.concurrent_compile)
-    return _time_row(row, cfg)
+    return _time_row(row, cfg, trees)
 
 
 def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
@@ -475,9 +485,9 @@ def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
             log(_row_summary(record))
 
     if cfg.pipeline:
-        _run_pipelined(cfg, start, result, add, log)
+        _run_pipelined(cfg, start, add, log)
     else:
-        _run_row_by_row(cfg, start, result, add)
+        _run_row_by_row(cfg, start, add)
     if cfg.profile_shape is not None:
         result["profile"] = {
             "shape": list(cfg.profile_shape),
@@ -494,7 +504,6 @@ def _failed(tree_name: str, opt_name: str, why: str) -> dict:
 def _run_pipelined(
     cfg: Config,
     start: float,
-    result: dict,
     add: Callable[[dict, float], None],
     log: Callable[[str], None] | None,
 ) -> None:
@@ -521,6 +530,7 @@ def _run_pipelined(
         wait(
             [f for *_, plan, _ in planned if not isinstance(plan, str) for f in plan[1]]
         )
+        trees: dict = {}
         for tree_name, opt_name, plan, plan_s in planned:
             # The row's wall time is its tracing plus its timing.
             t0 = time.perf_counter() - plan_s
@@ -531,22 +541,24 @@ def _run_pipelined(
                 row, futures = plan
                 for future in futures:
                     future.result()
-                add(_time_row(row, cfg), t0)
+                add(_time_row(row, cfg, trees), t0)
             except Exception as e:  # a row may run out of memory; keep the rest
                 add(_failed(tree_name, opt_name, repr(e)), t0)
 
 
 def _run_row_by_row(
-    cfg: Config, start: float, result: dict, add: Callable[[dict, float], None]
+    cfg: Config, start: float, add: Callable[[dict, float], None]
 ) -> None:
     """``run`` without the pipeline: each row traced, compiled and timed in turn."""
+    trees: dict = {}
     for tree_name, opt_name in cfg.row_order():
         t0 = time.perf_counter()
         if t0 - start > cfg.budget_s:
             add(_failed(tree_name, opt_name, "skipped: budget"), t0)
             continue
         try:
-            add(bench_row(tree_name, cfg.trees[tree_name], opt_name, cfg), t0)
+            shapes = cfg.trees[tree_name]
+            add(bench_row(tree_name, shapes, opt_name, cfg, trees), t0)
         except Exception as e:  # a row may run out of memory; keep the rest
             add(_failed(tree_name, opt_name, repr(e)), t0)
 

@@ -162,6 +162,11 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="comma-separated subset (default: all)",
     )
+    p.add_argument(
+        "--xla-cpu-multi-output-fusion",
+        action="store_true",
+        help="turn on XLA:CPU's multi-output fusion for the run (treeopt.fusion)",
+    )
     p.set_defaults(func=_bench)
 
 
@@ -178,6 +183,13 @@ def _bench(args: argparse.Namespace) -> None:
     if unknown:
         choices = ", ".join(bench.OPTIMIZERS)
         raise UsageError(f"unknown optimizer {unknown[0]!r}; choose from {choices}")
+    if args.xla_cpu_multi_output_fusion:
+        from treeopt import fusion
+
+        try:
+            fusion.enable_cpu_multi_output_fusion()
+        except RuntimeError as e:
+            raise UsageError(str(e)) from None
     cfg = bench.config("quick" if args.quick else "full")
     cfg = bench.dataclasses.replace(cfg, optimizers=names)
     result = bench.run(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))

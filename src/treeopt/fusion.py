@@ -16,12 +16,16 @@ XLA emits one loop per leaf that reads ``g``, ``w`` and the slots once and write
 ``w`` and the slots once: the memory-traffic bound. Without the option that
 form would be slower (XLA copies each donated slot first), so it is used only
 when ``cpu_multi_output_fusion()`` has seen the option work.
+``enable_cpu_multi_output_fusion()``, called before the first JAX computation,
+sets the option from Python (``treeopt bench --xla-cpu-multi-output-fusion``
+does that).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -62,6 +66,49 @@ def cpu_multi_output_fusion() -> bool:
     if OPTION not in os.environ.get("XLA_FLAGS", ""):
         return False
     return _probe()
+
+
+def enable_cpu_multi_output_fusion() -> None:
+    """Turns XLA:CPU's multi-output fusion on for this process.
+
+    Adds the option to ``$XLA_FLAGS`` (to the ``--xla_backend_extra_options``
+    already there, if any), which XLA reads once, when JAX starts its backend:
+    call this before the first JAX computation. Then checks, as
+    ``cpu_multi_output_fusion`` does, that the option works, which starts the
+    backend. Raises ``RuntimeError``, leaving ``$XLA_FLAGS`` as it was, where
+    the default backend is not the CPU or started before the call.
+    """
+    before = os.environ.get("XLA_FLAGS")
+    os.environ["XLA_FLAGS"] = with_option(before or "")
+    if cpu_multi_output_fusion():
+        return
+    if before is None:
+        del os.environ["XLA_FLAGS"]
+    else:
+        os.environ["XLA_FLAGS"] = before
+    backend = jax.default_backend()
+    if backend != "cpu":
+        raise RuntimeError(
+            f"multi-output fusion is an XLA:CPU option; JAX's default backend is "
+            f"{backend!r}"
+        )
+    raise RuntimeError(
+        "JAX's CPU backend started before multi-output fusion was turned on: call "
+        "enable_cpu_multi_output_fusion() before the first JAX computation, or "
+        f"start the process with XLA_FLAGS={XLA_FLAGS}"
+    )
+
+
+def with_option(flags: str) -> str:
+    """``flags`` (an ``$XLA_FLAGS`` value) with the option added to its backend
+    extra options (a comma-separated list), or as a new flag."""
+    if OPTION in flags:
+        return flags
+    extra = re.search(r"--xla_backend_extra_options=(\S*)", flags)
+    if extra is None:
+        return f"{flags} {XLA_FLAGS}".strip()
+    value = f"{extra.group(1)},{OPTION}" if extra.group(1) else OPTION
+    return flags[: extra.start(1)] + value + flags[extra.end(1) :]
 
 
 @functools.cache
