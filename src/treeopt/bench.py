@@ -467,9 +467,10 @@ def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
     Two phases. First every row's steps are traced and lowered, one after the
     other, and each is handed to a pool of compile threads, so XLA compiles
     while Python traces the next steps (one thread per core, tracing included;
-    one compile at a time without ``cfg.concurrent_compile``). Then, with
-    nothing else running, each row is timed: fresh arrays, then its steps and
-    the bandwidth probe interleaved. A row's ``wall_s`` is its tracing plus its
+    one compile at a time without ``cfg.concurrent_compile``; the profile of
+    ``cfg.profile_shape`` is made there too). Then, with nothing else running,
+    each row is timed: fresh arrays, then its steps and the bandwidth probe
+    interleaved. A row's ``wall_s`` is its tracing plus its
     timing; compile times are in each step's record. ``budget_s`` stops the
     tracing, not the compiles or timing of rows already traced; with
     ``cfg.pipeline=False`` rows run one after the other and no row starts
@@ -485,14 +486,12 @@ def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
             log(_row_summary(record))
 
     if cfg.pipeline:
-        _run_pipelined(cfg, start, add, log)
+        profile = _run_pipelined(cfg, start, add, log)
     else:
         _run_row_by_row(cfg, start, add)
-    if cfg.profile_shape is not None:
-        result["profile"] = {
-            "shape": list(cfg.profile_shape),
-            "rows": profile_leaf(cfg.profile_shape),
-        }
+        profile = profile_leaf(cfg.profile_shape) if cfg.profile_shape else None
+    if profile is not None:
+        result["profile"] = {"shape": list(cfg.profile_shape), "rows": profile}
     result["wall_s"] = time.perf_counter() - start
     return result
 
@@ -506,8 +505,9 @@ def _run_pipelined(
     start: float,
     add: Callable[[dict, float], None],
     log: Callable[[str], None] | None,
-) -> None:
-    """``run``'s default order: trace everything while compiling, then time."""
+) -> list[dict] | None:
+    """``run``'s default order: trace everything while compiling, then time.
+    Returns the profile (``profile_leaf``), made in the pool before the timing."""
     workers = max(1, _cpu_count() if cfg.concurrent_compile else 1)
     # One core per thread: tracing holds a core, so one compile fewer runs
     # until every row is traced.
@@ -516,6 +516,10 @@ def _run_pipelined(
     def compile_on_a_core(runner: _Runner) -> None:
         with cores:
             runner.compile()
+
+    def profile_on_a_core(shape: tuple[int, ...]) -> list[dict]:
+        with cores:
+            return profile_leaf(shape)
 
     planned: list[tuple[str, str, Any, float]] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -526,9 +530,13 @@ def _run_pipelined(
             cores.release()
         if log is not None:
             log(f"traced {len(planned)} rows in {time.perf_counter() - start:.0f} s")
+        profile = None
+        if cfg.profile_shape is not None:
+            profile = pool.submit(profile_on_a_core, cfg.profile_shape)
         # Every compile has ended before the first step is timed.
         wait(
             [f for *_, plan, _ in planned if not isinstance(plan, str) for f in plan[1]]
+            + ([profile] if profile is not None else [])
         )
         trees: dict = {}
         for tree_name, opt_name, plan, plan_s in planned:
@@ -544,6 +552,7 @@ def _run_pipelined(
                 add(_time_row(row, cfg, trees), t0)
             except Exception as e:  # a row may run out of memory; keep the rest
                 add(_failed(tree_name, opt_name, repr(e)), t0)
+    return None if profile is None else profile.result()
 
 
 def _run_row_by_row(
