@@ -115,6 +115,42 @@ def test_failing_row_is_recorded_and_budget_skips_rows(pipeline):
     assert [r["error"] for r in skipped] == ["skipped: budget"] * 2
 
 
+@pytest.mark.parametrize("ahead", [True, False])
+def test_small_trees_get_their_arrays_while_compiling(monkeypatch, ahead):
+    events = []
+    arm, time_row = bench._arm_row, bench._time_row
+
+    def logged_arm(row, trees):
+        events.append(("arm", row.optimizer))
+        arm(row, trees)
+
+    def logged_time(row, *args):
+        events.append(("time", row.optimizer))
+        return time_row(row, *args)
+
+    monkeypatch.setattr(bench, "_arm_row", logged_arm)
+    monkeypatch.setattr(bench, "_time_row", logged_time)
+    cfg = bench.dataclasses.replace(
+        bench.config("tiny"),
+        trees={"many_small": bench.config("tiny").trees["many_small"]},
+        optimizers=("adam", "sm3"),
+        arm_ahead_bytes=1 << 25 if ahead else 0,
+        profile_shape=None,
+    )
+    rows = bench.run(cfg)["rows"]
+    if ahead:  # every row armed before the first is timed
+        expected = [("arm", "adam"), ("arm", "sm3"), ("time", "adam"), ("time", "sm3")]
+        assert events == expected
+    else:  # each row armed as it is timed
+        expected = [("time", "adam"), ("arm", "adam"), ("time", "sm3"), ("arm", "sm3")]
+        assert events == expected
+    for row in rows:
+        assert "error" not in row, row
+        assert row["param_bytes"] == 4 * row["n_params"]
+        for v in ("treeopt", "optax", "packed"):
+            assert row[v]["ms"] > 0 and row[v]["state_bytes"] >= row["param_bytes"]
+
+
 def test_row_by_row_order_keeps_the_profile_and_the_row_record():
     cfg = bench.Config(
         trees={"t": {"w": (8, 8)}},

@@ -13,6 +13,7 @@ same memory regime: caches or DRAM), timed in the same rounds as the row.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -184,6 +185,10 @@ class Config:
     # ``run``); False: trace, compile and time one row after the other, so
     # ``budget_s`` bounds the whole run (what a lent accelerator needs).
     pipeline: bool = True
+    # With the pipeline, rows on trees of at most this many parameter bytes get
+    # their arrays while the compiles run (the eager init of 2000 leaves' state
+    # takes seconds); their arrays then live until each row is timed.
+    arm_ahead_bytes: int = 1 << 25
 
     def row_order(self) -> list[tuple[str, str]]:
         if self.rows is not None:
@@ -371,6 +376,7 @@ class _Row:
     make_args: dict[str, Callable]
     runners: dict[str, _Runner]
     state_bytes: dict[str, int]
+    armed: bool = False  # the runners hold their arrays (``_arm_row``)
 
 
 def _plan_row(tree_name: str, shapes: Shapes, opt_name: str, cfg: Config) -> _Row:
@@ -392,11 +398,25 @@ def _plan_row(tree_name: str, shapes: Shapes, opt_name: str, cfg: Config) -> _Ro
     return _Row(tree_name, opt_name, shapes, make_args, runners, state_bytes)
 
 
+def _param_bytes(row: _Row) -> int:
+    return 4 * sum(math.prod(s) for s in row.shapes.values())  # float32 trees
+
+
+def _arm_row(row: _Row, trees: dict) -> None:
+    """Gives the row's runners their arrays: a copy of the tree's weights each,
+    the gradients, a fresh state. ``trees`` keeps each tree's weights and
+    gradients for the next rows on it (gradients are never donated)."""
+    if row.tree not in trees:
+        trees[row.tree] = make_tree(row.shapes, seed=0), make_tree(row.shapes, seed=1)
+    params, grads = trees[row.tree]
+    for name, r in row.runners.items():
+        r.set_args(row.make_args[name](_copy(params), grads))
+    row.armed = True
+
+
 def _time_row(row: _Row, cfg: Config, trees: dict | None = None) -> dict:
     """Steps the compiled runners of ``row`` and the bandwidth probe,
-    interleaved; returns the row's record. ``trees`` keeps each tree's weights
-    and gradients for the next rows on it (each step gets its own copy of the
-    weights; gradients are never donated).
+    interleaved; returns the row's record (``trees``: see ``_arm_row``).
 
     The probe runs in the same rounds as the steps, so the bound and the % of
     it that a step reaches compare medians taken under the same load (a probe
@@ -404,13 +424,10 @@ def _time_row(row: _Row, cfg: Config, trees: dict | None = None) -> dict:
     kernel as the probe, anywhere from 62 to 109% in runs on a shared machine).
     """
     trees = {} if trees is None else trees
-    if row.tree not in trees:
-        trees[row.tree] = make_tree(row.shapes, seed=0), make_tree(row.shapes, seed=1)
-    params, grads = trees[row.tree]
-    param_bytes = _nbytes(params)
+    if not row.armed:
+        _arm_row(row, trees)
+    param_bytes = _nbytes(trees[row.tree][0])
     n_params = int(sum(math.prod(s) for s in row.shapes.values()))
-    for name, r in row.runners.items():
-        r.set_args(row.make_args[name](_copy(params), grads))
     n_probe = max(1 << 10, min(n_params, cfg.bandwidth_elements))
     order = [*row.runners.values(), _axpy_runner(n_probe)]
     for r in order:
@@ -441,6 +458,7 @@ def _time_row(row: _Row, cfg: Config, trees: dict | None = None) -> dict:
         }
     for r in order:
         r.set_args(())  # free the row's arrays
+    row.armed = False
     record["ratio"] = record["treeopt"]["ms"] / record["optax"]["ms"]
     if "packed" in record:
         record["packed_ratio"] = record["packed"]["ms"] / record["optax"]["ms"]
@@ -468,9 +486,10 @@ def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
     other, and each is handed to a pool of compile threads, so XLA compiles
     while Python traces the next steps (one thread per core, tracing included;
     one compile at a time without ``cfg.concurrent_compile``; the profile of
-    ``cfg.profile_shape`` is made there too). Then, with nothing else running,
-    each row is timed: fresh arrays, then its steps and the bandwidth probe
-    interleaved. A row's ``wall_s`` is its tracing plus its
+    ``cfg.profile_shape`` is made there too, and rows on trees of at most
+    ``cfg.arm_ahead_bytes`` get their arrays). Then, with nothing else running,
+    each row is timed: its steps and the bandwidth probe interleaved, on fresh
+    arrays. A row's ``wall_s`` is its tracing plus its
     timing; compile times are in each step's record. ``budget_s`` stops the
     tracing, not the compiles or timing of rows already traced; with
     ``cfg.pipeline=False`` rows run one after the other and no row starts
@@ -533,12 +552,18 @@ def _run_pipelined(
         profile = None
         if cfg.profile_shape is not None:
             profile = pool.submit(profile_on_a_core, cfg.profile_shape)
+        trees: dict = {}
+        for *_, plan, _ in planned:
+            if isinstance(plan, str) or _param_bytes(plan[0]) > cfg.arm_ahead_bytes:
+                continue
+            # On failure the row stays unarmed, and its timing raises it again.
+            with contextlib.suppress(Exception):
+                _arm_row(plan[0], trees)
         # Every compile has ended before the first step is timed.
         wait(
             [f for *_, plan, _ in planned if not isinstance(plan, str) for f in plan[1]]
             + ([profile] if profile is not None else [])
         )
-        trees: dict = {}
         for tree_name, opt_name, plan, plan_s in planned:
             # The row's wall time is its tracing plus its timing.
             t0 = time.perf_counter() - plan_s
