@@ -24,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     if args.xla_cpu_multi_output_fusion:
-        fusion.enable_cpu_multi_output_fusion()
+        try:
+            fusion.enable_cpu_multi_output_fusion()
+        except RuntimeError as e:
+            p.error(str(e))
     cfg = bench.config("tiny" if args.tiny else "quick" if args.quick else "full")
     cfg = bench.dataclasses.replace(
         cfg,

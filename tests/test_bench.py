@@ -25,6 +25,9 @@ def tiny_result():
     return bench.run(cfg)
 
 
+cfg_tiny = bench.config("tiny")
+
+
 def test_every_row_has_both_libraries_and_consistent_numbers(tiny_result):
     rows = tiny_result["rows"]
     assert [(r["tree"], r["optimizer"]) for r in rows] == [
@@ -51,6 +54,10 @@ def test_every_row_has_both_libraries_and_consistent_numbers(tiny_result):
         # The probe covers as many elements as the tree (at least 1024) and its
         # bandwidth is its 12 bytes per element over its median time.
         probe = row["axpy"]
+        # Timed in every round with the steps: as many samples as each step.
+        samples = cfg_tiny.rounds * cfg_tiny.steps_per_round
+        assert probe["samples"] == samples
+        assert all(row[v]["samples"] == samples for v in variants)
         assert probe["elements"] == max(1024, row["n_params"])
         assert probe["gbs"] == pytest.approx(12 * probe["elements"] / probe["ms"] / 1e6)
 
@@ -108,8 +115,11 @@ def test_failing_row_is_recorded_and_budget_skips_rows(pipeline):
         profile_shape=None,
         pipeline=pipeline,
     )
-    failed, ok = bench.run(cfg)["rows"]
+    result = bench.run(cfg)
+    failed, ok = result["rows"]
     assert "no_such_optimizer" in failed["error"]
+    header, _, failed_line, ok_line = bench.to_markdown(result).splitlines()[2:6]
+    assert failed_line.count("|") == ok_line.count("|") == header.count("|") == 12
     assert "error" not in ok and ok["treeopt"]["ms"] > 0
     skipped = bench.run(bench.dataclasses.replace(cfg, budget_s=0.0))["rows"]
     assert [r["error"] for r in skipped] == ["skipped: budget"] * 2
@@ -128,6 +138,12 @@ def test_small_trees_get_their_arrays_while_compiling(monkeypatch, ahead):
         events.append(("time", row.optimizer))
         return time_row(row, *args)
 
+    def logged_wait(futures):  # the wait for every compile to end
+        events.append(("wait", ""))
+        return wait(futures)
+
+    wait = bench.wait
+    monkeypatch.setattr(bench, "wait", logged_wait)
     monkeypatch.setattr(bench, "_arm_row", logged_arm)
     monkeypatch.setattr(bench, "_time_row", logged_time)
     cfg = bench.dataclasses.replace(
@@ -138,17 +154,83 @@ def test_small_trees_get_their_arrays_while_compiling(monkeypatch, ahead):
         profile_shape=None,
     )
     rows = bench.run(cfg)["rows"]
-    if ahead:  # every row armed before the first is timed
-        expected = [("arm", "adam"), ("arm", "sm3"), ("time", "adam"), ("time", "sm3")]
-        assert events == expected
+    timed = [("time", "adam"), ("arm", "adam"), ("time", "sm3"), ("arm", "sm3")]
+    if ahead:  # every row armed while the compiles run
+        armed = [("arm", "adam"), ("arm", "sm3"), ("wait", "")]
+        assert events == [*armed, ("time", "adam"), ("time", "sm3")]
     else:  # each row armed as it is timed
-        expected = [("time", "adam"), ("arm", "adam"), ("time", "sm3"), ("arm", "sm3")]
-        assert events == expected
+        assert events == [("wait", ""), *timed]
     for row in rows:
         assert "error" not in row, row
         assert row["param_bytes"] == 4 * row["n_params"]
         for v in ("treeopt", "optax", "packed"):
             assert row[v]["ms"] > 0 and row[v]["state_bytes"] >= row["param_bytes"]
+
+
+def test_probe_size_has_a_floor_and_a_cap():
+    cfg = bench.Config(
+        trees={"small": {"w": (8, 8)}, "big": {"w": (64, 64)}},
+        optimizers=("sgd",),
+        rounds=1,
+        steps_per_round=2,
+        bandwidth_elements=2048,
+        profile_shape=None,
+    )
+    small, big = bench.run(cfg)["rows"]
+    assert small["axpy"]["elements"] == 1024 and big["axpy"]["elements"] == 2048
+    assert big["axpy"]["samples"] == 2
+
+
+def test_tree_arrays_are_dropped_after_their_last_row():
+    rows = [("a", "sgd"), ("b", "sgd"), ("a", "adam")]
+    trees = bench._TreeArrays(rows)
+    row_a = bench._Row("a", "sgd", {"w": (2, 3)}, {}, {}, {})
+    row_b = bench._Row("b", "sgd", {"w": (4,)}, {}, {}, {})
+    weights, grads = trees.get(row_a)
+    assert trees.get(row_a)[0] is weights  # made once
+    trees.get(row_b)
+    trees.row_done("a")
+    assert trees.get(row_a)[0] is weights  # a row on "a" is still to come
+    trees.row_done("b")
+    assert "b" not in trees._arrays
+    trees.row_done("a")
+    assert trees._arrays == {}
+    np.testing.assert_array_equal(grads["w"], bench.make_tree({"w": (2, 3)}, 1)["w"])
+
+
+def test_a_failing_row_frees_its_arrays(monkeypatch):
+    cfg = bench.Config(trees={"t": {"w": (8, 8)}}, rounds=1, steps_per_round=1)
+    row = bench._plan_row("t", cfg.trees["t"], "adam", cfg)
+    bench.compile_all(list(row.runners.values()))
+
+    def broken_probe(n):
+        raise RuntimeError("no memory for the probe")
+
+    monkeypatch.setattr(bench, "_axpy_runner", broken_probe)
+    with pytest.raises(RuntimeError, match="no memory"):
+        bench._time_row(row, cfg)
+    assert not row.armed
+    assert all(r._args == () for r in row.runners.values())
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_a_failing_profile_is_recorded_and_the_rows_kept(monkeypatch, pipeline):
+    def broken(shape):
+        raise ValueError("cannot profile")
+
+    monkeypatch.setattr(bench, "profile_leaf", broken)
+    cfg = bench.Config(
+        trees={"t": {"w": (8, 8)}},
+        optimizers=("sgd",),
+        rounds=1,
+        steps_per_round=1,
+        profile_shape=(8, 8),
+        pipeline=pipeline,
+    )
+    result = bench.run(cfg)
+    assert "error" not in result["rows"][0]
+    assert "cannot profile" in result["profile"]["error"]
+    assert "Profile of one (8, 8) leaf failed" in bench.to_markdown(result)
 
 
 def test_row_by_row_order_keeps_the_profile_and_the_row_record():
@@ -192,8 +274,12 @@ def test_cli_bench_rejects_unknown_optimizer(capsys):
 def test_cli_bench_fusion_option_needs_a_fresh_backend(capsys, monkeypatch):
     from treeopt import cli, fusion
 
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the bench ran although the option could not be set")
+
+    monkeypatch.setattr(bench, "run", must_not_run)
     jax.devices()  # started without the option: it can no longer be turned on
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "")  # restored by monkeypatch whatever happens
     fusion._probe.cache_clear()
     try:
         argv = ["bench", "--quick", "--xla-cpu-multi-output-fusion"]

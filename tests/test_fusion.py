@@ -140,17 +140,31 @@ def test_use_sibling_outputs_forces_the_form_either_way(monkeypatch):
     ("before", "after"),
     [
         ("", fusion.XLA_FLAGS),
+        ("  ", fusion.XLA_FLAGS),
         ("--xla_dump_to=/tmp/d", "--xla_dump_to=/tmp/d " + fusion.XLA_FLAGS),
         (
-            "--xla_backend_extra_options=a=1,b --xla_dump_to=x",
-            f"--xla_backend_extra_options=a=1,b,{fusion.OPTION} --xla_dump_to=x",
+            "--xla_backend_extra_options='a=1,b' --xla_dump_to=x",
+            "--xla_backend_extra_options='a=1,b' --xla_dump_to=x " + fusion.XLA_FLAGS,
         ),
-        ("--xla_backend_extra_options=", fusion.XLA_FLAGS),
+        # Named inside another value only: not the option itself.
+        (
+            f"--xla_dump_to=/x/{fusion.OPTION}_dump",
+            f"--xla_dump_to=/x/{fusion.OPTION}_dump " + fusion.XLA_FLAGS,
+        ),
         (fusion.XLA_FLAGS + " --xla_dump_to=x", fusion.XLA_FLAGS + " --xla_dump_to=x"),
+        (
+            f'--xla_backend_extra_options="a=1,{fusion.OPTION}"',
+            f'--xla_backend_extra_options="a=1,{fusion.OPTION}"',
+        ),
     ],
 )
 def test_with_option_adds_to_the_extra_options(before, after):
     assert fusion.with_option(before) == after
+
+
+def test_with_option_refuses_a_flags_file():
+    with pytest.raises(ValueError, match="flags file"):
+        fusion.with_option("/etc/xla_flags.txt")
 
 
 ENABLE_FIRST = """
@@ -167,12 +181,13 @@ print(sum(" fusion(" in line for line in text[text.index("ENTRY"):].splitlines()
 
 
 def test_enable_before_the_backend_starts_turns_the_option_on():
-    # A flag already set is kept: two host devices, and the option on.
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-        "JAX_PLATFORMS": "cpu",
-    }
+    # Flags already set are kept (two host devices; a quoted extra-options
+    # list), and the option is on.
+    before = (
+        '--xla_backend_extra_options="xla_unused_option=1" '
+        "--xla_force_host_platform_device_count=2"
+    )
+    env = {**os.environ, "XLA_FLAGS": before, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
         [sys.executable, "-c", ENABLE_FIRST],
         env=env,
@@ -182,7 +197,7 @@ def test_enable_before_the_backend_starts_turns_the_option_on():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     flags, devices, fusions = proc.stdout.splitlines()[-3:]
-    assert flags == "--xla_force_host_platform_device_count=2 " + fusion.XLA_FLAGS
+    assert flags == before + " " + fusion.XLA_FLAGS
     assert devices == "2 True"
     assert fusions == "1"  # both outputs from one loop
 
@@ -200,6 +215,11 @@ def test_enable_after_the_backend_started_raises_and_restores(monkeypatch):
         with pytest.raises(RuntimeError, match="XLA_FLAGS="):
             fusion.enable_cpu_multi_output_fusion()
         assert "XLA_FLAGS" not in os.environ
+        monkeypatch.setenv("XLA_FLAGS", "/etc/xla_flags.txt")
+        with pytest.raises(RuntimeError, match="flags file"):
+            fusion.enable_cpu_multi_output_fusion()
+        assert os.environ["XLA_FLAGS"] == "/etc/xla_flags.txt"
+        monkeypatch.delenv("XLA_FLAGS")
         monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
         with pytest.raises(RuntimeError, match=r"XLA:CPU option; .* 'gpu'"):
             fusion.enable_cpu_multi_output_fusion()

@@ -5,15 +5,17 @@ Needs ``optax`` (the ``optax`` extra). Everything runs in one process: every
 threads, at most one per core, while the next ones are traced; see ``run``),
 then each row is timed interleaved, one jitted step at a time with donated
 buffers and ``block_until_ready``, and the median is kept. The bound of a
-row is the time an ideal step takes: the bytes it must move (read ``w``, ``g``
-and the state once, write ``w`` and the state once) at the bandwidth of a
-jitted ``y <- a x + y`` over as many elements as the tree has parameters (the
-same memory regime: caches or DRAM), timed in the same rounds as the row.
+row is the time the bytes an ideal step moves (read ``w``, ``g`` and the state
+once, write ``w`` and the state once) take at the rate of a jitted
+``y <- a x + y`` over as many elements as the tree has parameters (the same
+memory regime: caches or DRAM; at most ``Config.bandwidth_elements``), timed
+in the same rounds as the row. It is the axpy's rate, not the memory's peak: a
+step can beat it.
 """
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import dataclasses
 import json
 import math
@@ -114,12 +116,15 @@ def make_tree(shapes: Shapes, seed: int, dtype: Any = jnp.float32) -> dict:
     """A nested dict of random normal leaves (std 0.02), drawn on the device.
 
     One draw of every element, cut into the leaves on the host and put back:
-    0.15 s for the 2000 small leaves here, where a draw per leaf took 6 s
-    (dispatch, and a compile per shape) and a jitted split 39 s to compile.
+    for the 2000 small leaves here 0.8 s the first time (compiling the draw),
+    then 0.2 s, where a draw per leaf took 6 s (dispatch, and a compile per
+    shape) and a jitted split 39 s to compile.
     """
     sizes = [math.prod(s) for s in shapes.values()]
     flat = 0.02 * jax.random.normal(jax.random.key(seed), (sum(sizes),), dtype)
-    parts = iter(np.split(np.asarray(flat), np.cumsum(sizes)[:-1]))
+    host = np.asarray(flat)
+    del flat  # one copy of the tree on the device at a time
+    parts = iter(np.split(host, np.cumsum(sizes)[:-1]))
     return jax.device_put(_nest(shapes, lambda shape: next(parts).reshape(shape)))
 
 
@@ -402,41 +407,77 @@ def _param_bytes(row: _Row) -> int:
     return 4 * sum(math.prod(s) for s in row.shapes.values())  # float32 trees
 
 
-def _arm_row(row: _Row, trees: dict) -> None:
+class _TreeArrays:
+    """Each tree's weights and gradients, made when a row first needs them and
+    dropped after the last row on the tree (``rows``: the run's row order).
+    Gradients are never donated; each step gets its own copy of the weights."""
+
+    def __init__(self, rows: Sequence[tuple[str, str]]):
+        self._left = collections.Counter(tree for tree, _ in rows)
+        self._arrays: dict[str, tuple[Any, Any]] = {}
+
+    def get(self, row: _Row) -> tuple[Any, Any]:
+        if row.tree not in self._arrays:
+            weights = make_tree(row.shapes, seed=0)
+            self._arrays[row.tree] = weights, make_tree(row.shapes, seed=1)
+        return self._arrays[row.tree]
+
+    def row_done(self, tree: str) -> None:
+        self._left[tree] -= 1
+        if self._left[tree] <= 0:
+            self._arrays.pop(tree, None)
+
+
+def _arm_row(row: _Row, trees: _TreeArrays) -> None:
     """Gives the row's runners their arrays: a copy of the tree's weights each,
-    the gradients, a fresh state. ``trees`` keeps each tree's weights and
-    gradients for the next rows on it (gradients are never donated)."""
-    if row.tree not in trees:
-        trees[row.tree] = make_tree(row.shapes, seed=0), make_tree(row.shapes, seed=1)
-    params, grads = trees[row.tree]
-    for name, r in row.runners.items():
-        r.set_args(row.make_args[name](_copy(params), grads))
+    the gradients, a fresh state."""
+    params, grads = trees.get(row)
+    try:
+        for name, r in row.runners.items():
+            r.set_args(row.make_args[name](_copy(params), grads))
+    except BaseException:
+        _disarm(row)
+        raise
     row.armed = True
 
 
-def _time_row(row: _Row, cfg: Config, trees: dict | None = None) -> dict:
+def _disarm(row: _Row) -> None:
+    """Frees the arrays that the row's runners hold."""
+    for r in row.runners.values():
+        r.set_args(())
+    row.armed = False
+
+
+def _time_row(row: _Row, cfg: Config, trees: _TreeArrays | None = None) -> dict:
     """Steps the compiled runners of ``row`` and the bandwidth probe,
-    interleaved; returns the row's record (``trees``: see ``_arm_row``).
+    interleaved; returns the row's record. The row's arrays are freed however
+    it ends.
 
     The probe runs in the same rounds as the steps, so the bound and the % of
     it that a step reaches compare medians taken under the same load (a probe
     timed once per tree, before its rows, put SGD's one-big step, the same
     kernel as the probe, anywhere from 62 to 109% in runs on a shared machine).
     """
-    trees = {} if trees is None else trees
-    if not row.armed:
-        _arm_row(row, trees)
-    param_bytes = _nbytes(trees[row.tree][0])
+    trees = _TreeArrays([(row.tree, row.optimizer)]) if trees is None else trees
     n_params = int(sum(math.prod(s) for s in row.shapes.values()))
     n_probe = max(1 << 10, min(n_params, cfg.bandwidth_elements))
-    order = [*row.runners.values(), _axpy_runner(n_probe)]
-    for r in order:
-        r.step(record=False)
-    for i in range(cfg.rounds):
-        for r in order if i % 2 == 0 else order[::-1]:
-            for _ in range(cfg.steps_per_round):
-                r.step(record=True)
-    probe = order[-1]
+    probe = None
+    try:
+        if not row.armed:
+            _arm_row(row, trees)
+        param_bytes = _nbytes(trees.get(row)[0])
+        probe = _axpy_runner(n_probe)
+        order = [*row.runners.values(), probe]
+        for r in order:
+            r.step(record=False)
+        for i in range(cfg.rounds):
+            for r in order if i % 2 == 0 else order[::-1]:
+                for _ in range(cfg.steps_per_round):
+                    r.step(record=True)
+    finally:
+        _disarm(row)
+        if probe is not None:
+            probe.set_args(())
     bandwidth = 12 * n_probe / (probe.median_ms() / 1e3)
     record: dict[str, Any] = {
         "tree": row.tree,
@@ -444,21 +485,24 @@ def _time_row(row: _Row, cfg: Config, trees: dict | None = None) -> dict:
         "n_leaves": len(row.shapes),
         "n_params": n_params,
         "param_bytes": param_bytes,
-        "axpy": {"elements": n_probe, "ms": probe.median_ms(), "gbs": bandwidth / 1e9},
+        "axpy": {
+            "elements": n_probe,
+            "samples": len(probe.times),
+            "ms": probe.median_ms(),
+            "gbs": bandwidth / 1e9,
+        },
     }
     for name, r in row.runners.items():
         moved = 3 * param_bytes + 2 * row.state_bytes[name]
         record[name] = {
             "ms": r.median_ms(),
+            "samples": len(r.times),
             "compile_s": r.compile_s,
             "lower_s": r.lower_s,
             "state_bytes": row.state_bytes[name],
             "bound_ms": 1e3 * moved / bandwidth,
             "pct_of_bound": 100 * (1e3 * moved / bandwidth) / r.median_ms(),
         }
-    for r in order:
-        r.set_args(())  # free the row's arrays
-    row.armed = False
     record["ratio"] = record["treeopt"]["ms"] / record["optax"]["ms"]
     if "packed" in record:
         record["packed_ratio"] = record["packed"]["ms"] / record["optax"]["ms"]
@@ -470,10 +514,10 @@ def bench_row(
     shapes: Shapes,
     opt_name: str,
     cfg: Config,
-    trees: dict | None = None,
+    trees: _TreeArrays | None = None,
 ) -> dict:
     """Lowers, compiles and times one (tree, optimizer) row; returns its record.
-    ``trees``: the arrays of trees made for earlier rows (see ``_time_row``)."""
+    ``trees``: the run's tree arrays, shared by its rows."""
     row = _plan_row(tree_name, shapes, opt_name, cfg)
     compile_all(list(row.runners.values()), cfg.concurrent_compile)
     return _time_row(row, cfg, trees)
@@ -508,9 +552,9 @@ def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
         profile = _run_pipelined(cfg, start, add, log)
     else:
         _run_row_by_row(cfg, start, add)
-        profile = profile_leaf(cfg.profile_shape) if cfg.profile_shape else None
+        profile = _profile(cfg.profile_shape) if cfg.profile_shape else None
     if profile is not None:
-        result["profile"] = {"shape": list(cfg.profile_shape), "rows": profile}
+        result["profile"] = profile
     result["wall_s"] = time.perf_counter() - start
     return result
 
@@ -519,14 +563,22 @@ def _failed(tree_name: str, opt_name: str, why: str) -> dict:
     return {"tree": tree_name, "optimizer": opt_name, "error": why}
 
 
+def _profile(shape: tuple[int, ...]) -> dict:
+    """``result["profile"]``: ``profile_leaf``'s rows, or why it failed."""
+    try:
+        return {"shape": list(shape), "rows": profile_leaf(shape)}
+    except Exception as e:  # keep the timed rows
+        return {"shape": list(shape), "error": repr(e)}
+
+
 def _run_pipelined(
     cfg: Config,
     start: float,
     add: Callable[[dict, float], None],
     log: Callable[[str], None] | None,
-) -> list[dict] | None:
+) -> dict | None:
     """``run``'s default order: trace everything while compiling, then time.
-    Returns the profile (``profile_leaf``), made in the pool before the timing."""
+    Returns the profile (``_profile``), made in the pool before the timing."""
     workers = max(1, _cpu_count() if cfg.concurrent_compile else 1)
     # One core per thread: tracing holds a core, so one compile fewer runs
     # until every row is traced.
@@ -536,10 +588,19 @@ def _run_pipelined(
         with cores:
             runner.compile()
 
-    def profile_on_a_core(shape: tuple[int, ...]) -> list[dict]:
+    def profile_on_a_core(shape: tuple[int, ...]) -> dict:
         with cores:
-            return profile_leaf(shape)
+            return _profile(shape)
 
+    def arm_on_a_core(row: _Row) -> None:
+        with cores:
+            try:
+                _arm_row(row, trees)
+            except Exception as e:  # retried, and recorded, when the row is timed
+                if log is not None:
+                    log(f"{row.tree} {row.optimizer}: arrays not made ahead: {e!r}")
+
+    trees = _TreeArrays(cfg.row_order())
     planned: list[tuple[str, str, Any, float]] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         cores.acquire()
@@ -552,13 +613,12 @@ def _run_pipelined(
         profile = None
         if cfg.profile_shape is not None:
             profile = pool.submit(profile_on_a_core, cfg.profile_shape)
-        trees: dict = {}
         for *_, plan, _ in planned:
-            if isinstance(plan, str) or _param_bytes(plan[0]) > cfg.arm_ahead_bytes:
-                continue
-            # On failure the row stays unarmed, and its timing raises it again.
-            with contextlib.suppress(Exception):
-                _arm_row(plan[0], trees)
+            if (
+                not isinstance(plan, str)
+                and _param_bytes(plan[0]) <= cfg.arm_ahead_bytes
+            ):
+                arm_on_a_core(plan[0])
         # Every compile has ended before the first step is timed.
         wait(
             [f for *_, plan, _ in planned if not isinstance(plan, str) for f in plan[1]]
@@ -568,15 +628,19 @@ def _run_pipelined(
             # The row's wall time is its tracing plus its timing.
             t0 = time.perf_counter() - plan_s
             if isinstance(plan, str):
+                trees.row_done(tree_name)
                 add(_failed(tree_name, opt_name, plan), t0)
                 continue
+            row, futures = plan
             try:
-                row, futures = plan
                 for future in futures:
                     future.result()
                 add(_time_row(row, cfg, trees), t0)
             except Exception as e:  # a row may run out of memory; keep the rest
+                _disarm(row)
                 add(_failed(tree_name, opt_name, repr(e)), t0)
+            finally:
+                trees.row_done(tree_name)
     return None if profile is None else profile.result()
 
 
@@ -584,10 +648,11 @@ def _run_row_by_row(
     cfg: Config, start: float, add: Callable[[dict, float], None]
 ) -> None:
     """``run`` without the pipeline: each row traced, compiled and timed in turn."""
-    trees: dict = {}
+    trees = _TreeArrays(cfg.row_order())
     for tree_name, opt_name in cfg.row_order():
         t0 = time.perf_counter()
         if t0 - start > cfg.budget_s:
+            trees.row_done(tree_name)
             add(_failed(tree_name, opt_name, "skipped: budget"), t0)
             continue
         try:
@@ -595,6 +660,8 @@ def _run_row_by_row(
             add(bench_row(tree_name, shapes, opt_name, cfg, trees), t0)
         except Exception as e:  # a row may run out of memory; keep the rest
             add(_failed(tree_name, opt_name, repr(e)), t0)
+        finally:
+            trees.row_done(tree_name)
 
 
 def _plan_rows(
@@ -784,7 +851,8 @@ def to_markdown(result: dict) -> str:
         f"optax {m['optax']}, {m['date']}"
         + "".join(f", {text}" for key, text in _FLAGS.items() if m.get(key))
         + ". Bound: every array read once and every output written once, at the "
-        "bandwidth of a jitted axpy as large as the tree, timed in the row's rounds.",
+        "bandwidth of a jitted axpy as large as the tree (capped: see the JSON), "
+        "timed in the row's rounds.",
         "",
         "| tree | optimizer | treeopt ms | optax ms | ratio | packed ms | packed "
         "ratio | compile s (treeopt / optax / packed) | bound ms (axpy GB/s) "
@@ -796,7 +864,7 @@ def to_markdown(result: dict) -> str:
         if "error" in row:
             lines.append(
                 f"| {row['tree']} | {row['optimizer']} | failed: "
-                f"{row['error'][:80]} |" + " |" * 9
+                f"{row['error'][:80]} |" + " |" * 8
             )
             continue
         t, o, p = row["treeopt"], row["optax"], row.get("packed")
@@ -814,9 +882,14 @@ def to_markdown(result: dict) -> str:
             + f" | {_mb(t['state_bytes'])} / {_mb(o['state_bytes'])} / "
             f"{_mb(row['param_bytes'])} |"
         )
-    if "profile" in result:
-        shape = tuple(result["profile"]["shape"])
-        lines += ["", profile_markdown(result["profile"]["rows"], shape)]
+    profile = result.get("profile")
+    if profile is not None and "rows" in profile:
+        lines += ["", profile_markdown(profile["rows"], tuple(profile["shape"]))]
+    elif profile is not None:
+        lines += [
+            "",
+            f"Profile of one {tuple(profile['shape'])} leaf failed: {profile['error']}",
+        ]
     return "\n".join(lines)
 
 

@@ -71,15 +71,19 @@ def cpu_multi_output_fusion() -> bool:
 def enable_cpu_multi_output_fusion() -> None:
     """Turns XLA:CPU's multi-output fusion on for this process.
 
-    Adds the option to ``$XLA_FLAGS`` (to the ``--xla_backend_extra_options``
-    already there, if any), which XLA reads once, when JAX starts its backend:
-    call this before the first JAX computation. Then checks, as
-    ``cpu_multi_output_fusion`` does, that the option works, which starts the
-    backend. Raises ``RuntimeError``, leaving ``$XLA_FLAGS`` as it was, where
-    the default backend is not the CPU or started before the call.
+    Adds the option to ``$XLA_FLAGS`` (``with_option``), which XLA reads once,
+    when JAX starts its backend: call this before the first JAX computation.
+    Then checks, as ``cpu_multi_output_fusion`` does, that the option works,
+    which starts the backend. Raises ``RuntimeError``, with ``$XLA_FLAGS`` put
+    back as it was, where the backend had started without the option or is not
+    the CPU (a backend that this call started keeps the option, harmless off
+    the CPU), or where ``$XLA_FLAGS`` names a flags file.
     """
     before = os.environ.get("XLA_FLAGS")
-    os.environ["XLA_FLAGS"] = with_option(before or "")
+    try:
+        os.environ["XLA_FLAGS"] = with_option(before or "")
+    except ValueError as e:
+        raise RuntimeError(str(e)) from None
     if cpu_multi_output_fusion():
         return
     if before is None:
@@ -100,15 +104,20 @@ def enable_cpu_multi_output_fusion() -> None:
 
 
 def with_option(flags: str) -> str:
-    """``flags`` (an ``$XLA_FLAGS`` value) with the option added to its backend
-    extra options (a comma-separated list), or as a new flag."""
-    if OPTION in flags:
-        return flags
-    extra = re.search(r"--xla_backend_extra_options=(\S*)", flags)
-    if extra is None:
-        return f"{flags} {XLA_FLAGS}".strip()
-    value = f"{extra.group(1)},{OPTION}" if extra.group(1) else OPTION
-    return flags[: extra.start(1)] + value + flags[extra.end(1) :]
+    """``flags`` (an ``$XLA_FLAGS`` value) with the option added as a flag of
+    its own (XLA merges repeated ``--xla_backend_extra_options``), or unchanged
+    if one of its extra-options lists already names it. Raises ``ValueError``
+    for a flags file (a value not starting with ``-``), which XLA would read."""
+    if flags.strip() and not flags.strip().startswith("-"):
+        raise ValueError(
+            f"XLA_FLAGS names a flags file ({flags.strip()!r}); add {XLA_FLAGS} "
+            "to that file instead"
+        )
+    for value in re.findall(r"--xla_backend_extra_options=(\S*)", flags):
+        names = [o.split("=", 1)[0] for o in value.strip("\"'").split(",")]
+        if OPTION in names:
+            return flags
+    return f"{flags} {XLA_FLAGS}".strip()
 
 
 @functools.cache
