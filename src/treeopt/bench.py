@@ -403,8 +403,8 @@ def _plan_row(tree_name: str, shapes: Shapes, opt_name: str, cfg: Config) -> _Ro
     return _Row(tree_name, opt_name, shapes, make_args, runners, state_bytes)
 
 
-def _param_bytes(row: _Row) -> int:
-    return 4 * sum(math.prod(s) for s in row.shapes.values())  # float32 trees
+def _n_params(row: _Row) -> int:
+    return sum(math.prod(s) for s in row.shapes.values())
 
 
 class _TreeArrays:
@@ -459,7 +459,7 @@ def _time_row(row: _Row, cfg: Config, trees: _TreeArrays | None = None) -> dict:
     kernel as the probe, anywhere from 62 to 109% in runs on a shared machine).
     """
     trees = _TreeArrays([(row.tree, row.optimizer)]) if trees is None else trees
-    n_params = int(sum(math.prod(s) for s in row.shapes.values()))
+    n_params = _n_params(row)
     n_probe = max(1 << 10, min(n_params, cfg.bandwidth_elements))
     probe = None
     try:
@@ -616,7 +616,7 @@ def _run_pipelined(
         for *_, plan, _ in planned:
             if (
                 not isinstance(plan, str)
-                and _param_bytes(plan[0]) <= cfg.arm_ahead_bytes
+                and 4 * _n_params(plan[0]) <= cfg.arm_ahead_bytes  # float32
             ):
                 arm_on_a_core(plan[0])
         # Every compile has ended before the first step is timed.
