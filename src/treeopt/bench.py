@@ -270,6 +270,10 @@ class _Runner:
         self.compile_s = self.lower_s + time.perf_counter() - t0
         self._lowered = None
 
+    def compiled_text(self) -> str:
+        """The optimized HLO of the compiled step."""
+        return self._compiled.as_text()
+
     def set_args(self, args: tuple) -> None:
         """The arrays to step on (same shapes and dtypes as at lowering)."""
         self._args = args
@@ -774,38 +778,26 @@ def hlo_passes(compiled_text: str, shape: tuple[int, ...]) -> list[tuple[str, in
 
 def profile_leaf(shape: tuple[int, ...] = (4096, 4096)) -> list[dict]:
     """Per optimizer, on one float32 leaf of ``shape``: the full-size kernels of
-    the compiled treeopt and optax steps and the bytes per parameter they move,
-    against the ideal (each array read once, each output written once)."""
-    import optax
-
+    the compiled treeopt and optax steps (the benchmark's own steps) and the
+    bytes per parameter they move, against the ideal (each array read once,
+    each output written once)."""
     rows = []
-    params = {"w": jnp.zeros(shape, jnp.float32)}
+    params = {"w": jax.ShapeDtypeStruct(shape, jnp.float32)}
     for name, (make_treeopt, make_optax) in _optax_configs().items():
-        opt, tx = make_treeopt(), make_optax()
-        slots, opt_params = opt.tree_init(params, store_slots=False)
-
-        def treeopt_step(step, p, s, g, o, opt=opt):
-            return opt.tree_update(step, g, p, s, o, store_slots=False)
-
-        def optax_step(p, s, g, tx=tx):
-            updates, s = tx.update(g, s, p)
-            return optax.apply_updates(p, updates), s
-
-        texts = {
-            "treeopt": jax.jit(treeopt_step, donate_argnums=(1, 2))
-            .lower(jnp.int32(0), params, slots, params, opt_params)
-            .compile()
-            .as_text(),
-            "optax": jax.jit(optax_step, donate_argnums=(0, 1))
-            .lower(params, tx.init(params), params)
-            .compile()
-            .as_text(),
+        steps = {
+            "treeopt": _treeopt_step(make_treeopt()),
+            "optax": _optax_step(make_optax()),
         }
-        full_slots = sum(x.shape == shape for x in jax.tree.leaves(slots))
-        row = {"optimizer": name, "ideal_bytes": 4 * (3 + 2 * full_slots)}
-        for lib, text in texts.items():
-            passes = hlo_passes(text, shape)
+        row: dict[str, Any] = {"optimizer": name}
+        for lib, (step_fn, make_args, donate, static) in steps.items():
+            args = jax.eval_shape(make_args, params, params)
+            runner = _Runner(step_fn, args, donate, static)
+            runner.compile()
+            passes = hlo_passes(runner.compiled_text(), shape)
             row[lib] = {"kernels": len(passes), "bytes": 4 * sum(n for _, n in passes)}
+            if lib == "treeopt":
+                full_slots = sum(x.shape == shape for x in jax.tree.leaves(args[1]))
+                row["ideal_bytes"] = 4 * (3 + 2 * full_slots)
         rows.append(row)
     return rows
 

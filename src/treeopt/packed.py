@@ -32,14 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from treeopt import base, guard
+from treeopt.base import is_elementwise  # leaves of such an optimizer concatenate
 
 PackedBuffers = tuple[jax.Array, ...]
-
-
-def is_elementwise(optimizer: base.Optimizer) -> bool:
-    """Whether ``optimizer``'s update is elementwise, so leaves can be concatenated
-    (its class declares it: ``base.is_elementwise``)."""
-    return base.is_elementwise(optimizer)
 
 
 class Packed:
