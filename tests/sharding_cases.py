@@ -144,6 +144,13 @@ def mlp_problem():
     return weights, (x, y)
 
 
+# The terms of the sums in one loss (and gradient) of the MLP: the products of
+# x @ w1 (16) and h @ w2 (32) and the mean over 32 rows x 8 outputs (256). Two
+# programs that sum them in other orders (devices, fusions) differ by at most
+# that many roundings, relative (helpers.assert_sum_close).
+MLP_SUM_TERMS = 16 + 32 + 32 * 8
+
+
 def mlp_loss(weights, batch, rng):
     del rng
     x, y = batch

@@ -90,12 +90,15 @@ def run_case(opt, combo, weights, grads):
 
 
 def run_single(opt, weights, grads):
+    """The leaves of ``(weights, slots)`` at the start and after each step."""
     slots, params = opt.tree_init(weights, store_slots=False)
     update = jax.jit(step_fn(opt))
     w = weights
+    path = [[np.asarray(x) for x in jax.tree.leaves((w, slots))]]
     for k, g in enumerate(grads):
         w, slots = update(jnp.asarray(k), g, w, slots, params)
-    return [np.asarray(x) for x in jax.tree.leaves((w, slots))]
+        path.append([np.asarray(x) for x in jax.tree.leaves((w, slots))])
+    return path
 
 
 def memory_table():
@@ -136,12 +139,16 @@ def run_trainer(opt, combo):
 
     trainer = treeopt.Trainer(loss_fn, opt, weights, **kwargs)
     key = jax.random.key(0)
-    losses = [float(trainer.one_step(batch, key)[0]) for _ in range(sc.TRAINER_STEPS)]
+    path = [[np.asarray(x) for x in jax.tree.leaves(trainer.weights)]]
+    losses = []
+    for _ in range(sc.TRAINER_STEPS):
+        losses.append(float(trainer.one_step(batch, key)[0]))
+        path.append([np.asarray(x) for x in jax.tree.leaves(trainer.weights)])
     rec = {"losses": losses, "traces": len(traces)}
     if combo is not None:
         rec["weight_specs"] = {k: spec_of(x) for k, x in trainer.weights.items()}
         rec["slot_specs"] = [spec_of(x) for x in jax.tree.leaves(trainer.slots)]
-    return rec, [np.asarray(x) for x in jax.tree.leaves(trainer.weights)]
+    return rec, path
 
 
 def trainer_errors():
@@ -164,17 +171,24 @@ def main(out_dir):
     ]
     summary, arrays = {}, {}
     for cls, kwargs, case_id in sc.OPTIMIZERS:
-        arrays[f"{case_id}/single"] = run_single(cls(**kwargs), weights, grads)
+        path = run_single(cls(**kwargs), weights, grads)
+        arrays[f"{case_id}/single"] = path[-1]
+        for t, leaves in enumerate(path):
+            arrays[f"{case_id}/path{t}"] = leaves
         for combo_id, combo in sc.COMBOS.items():
             rec = run_case(cls(**kwargs), combo, weights, grads)
             arrays[f"{case_id}/{combo_id}"] = rec.pop("arrays")
             summary[f"{case_id}/{combo_id}"] = rec
     for opt_id, cls, kwargs in sc.TRAINER_OPTIMIZERS:
-        rec, arrays[f"trainer/{opt_id}/single"] = run_trainer(cls(**kwargs), None)
+        rec, path = run_trainer(cls(**kwargs), None)
         summary[f"trainer/{opt_id}/single"] = rec
+        arrays[f"trainer/{opt_id}/single"] = path[-1]
+        for t, leaves in enumerate(path):
+            arrays[f"trainer/{opt_id}/path{t}"] = leaves
         for combo_id, combo in sc.TRAINER_COMBOS.items():
             key = f"trainer/{opt_id}/{combo_id}"
-            summary[key], arrays[key] = run_trainer(cls(**kwargs), combo)
+            summary[key], path = run_trainer(cls(**kwargs), combo)
+            arrays[key] = path[-1]
     summary["trainer_errors"] = trainer_errors()
     summary["memory"] = memory_table()
     with open(os.path.join(out_dir, "summary.json"), "w") as f:

@@ -9,7 +9,7 @@ import treeopt
 
 import reference
 from cases import BF16_MOMENTUM
-from helpers import random_grads, random_leaves, run_treeopt
+from helpers import needs_float16, random_grads, random_leaves, run_treeopt
 
 
 def test_golden_unfactored_step():
@@ -103,6 +103,7 @@ def test_bfloat16_momentum_matches_reference_at_bfloat16_tolerance():
         np.testing.assert_allclose(np.float32(s[-1]), s_ref[-1], rtol=2e-2, atol=1e-2)
 
 
+@needs_float16
 def test_bfloat16_weights_keep_float32_statistics_across_updates():
     w = [jnp.ones((3, 4), jnp.bfloat16), jnp.ones(3, jnp.float16)]
     g = [jnp.full((3, 4), 0.1, jnp.bfloat16), jnp.full(3, 0.1, jnp.float16)]

@@ -13,6 +13,7 @@ from treeopt import base
 
 import reference
 from cases import CASES, IDS
+from helpers import needs_float16
 
 # ------------------------------------------------------ the seed's behaviour
 
@@ -117,6 +118,7 @@ def test_empty_tree_returns_empty_tree_and_slots():
 Pair = collections.namedtuple("Pair", ["kernel", "bias"])
 
 
+@needs_float16
 def test_structure_and_dtypes_preserved_for_namedtuple_python_float_numpy():
     opt = treeopt.Momentum(learning_rate=0.1)
     w = {
@@ -443,3 +445,32 @@ def test_apply_without_prepare_names_what_is_missing():
             {"learning_rate": 0.1},
             store_slots=False,
         )
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "case_id"), CASES, ids=IDS)
+def test_unknown_opt_params_key_names_the_known_ones(cls, kwargs, case_id):
+    opt = cls(**kwargs)
+    w = {"a": jnp.ones((2, 3))}
+    slots, opt_params = opt.tree_init(w, store_slots=False)
+    opt_params["lr"] = jnp.float32(1e-3)  # a typo for learning_rate
+    known = str(sorted(opt.opt_params))
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['lr'\]") as e:
+        opt.tree_update(0, w, w, slots, opt_params, store_slots=False)
+    assert known in str(e.value), case_id
+
+
+@pytest.mark.parametrize("step", [-1, np.int32(-3), jnp.asarray(-2)])
+def test_negative_concrete_step_raises(step):
+    opt = treeopt.Adam()
+    w = [jnp.ones(3)]
+    slots, p = opt.tree_init(w, store_slots=False)
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        opt.tree_update(step, w, w, slots, p, store_slots=False)
+
+
+def test_step_that_is_not_a_scalar_raises():
+    opt = treeopt.SGD()
+    w = [jnp.ones(3)]
+    slots, p = opt.tree_init(w, store_slots=False)
+    with pytest.raises(ValueError, match="step must be a scalar"):
+        opt.tree_update(jnp.zeros(2, jnp.int32), w, w, slots, p, store_slots=False)

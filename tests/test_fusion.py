@@ -22,7 +22,10 @@ IDEAL_ARRAYS = {"momentum-nesterov": 5, "rmsprop": 5, "adam": 7}
 def option_on(tmp_path_factory):
     """fusion_worker.py's results, run in a process with the option on."""
     out = tmp_path_factory.mktemp("fusion") / "on.npz"
-    env = {**os.environ, "XLA_FLAGS": fusion.XLA_FLAGS, "JAX_PLATFORMS": "cpu"}
+    # Added to this process's flags: the worker must compile for the same
+    # instruction set (--xla_cpu_max_isa) for its bits to be comparable.
+    flags = fusion.with_option(os.environ.get("XLA_FLAGS", ""))
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, os.path.join(HERE, "fusion_worker.py"), str(out)]
     proc = subprocess.run(
         cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=600

@@ -1,7 +1,5 @@
 """``python -m treeopt``: the same command line as ``treeopt``."""
 
-import sys
+from treeopt.cli import console_main
 
-from treeopt.cli import main
-
-sys.exit(main())
+console_main()

@@ -28,8 +28,10 @@ _STORE_UNDER_JIT = (
 # ---------------------------------------------------------------- validation
 
 
-def _is_concrete_number(value: Any) -> bool:
-    if isinstance(value, jax.core.Tracer) or callable(value):
+def is_concrete_number(value: Any) -> bool:
+    """Whether ``value`` is a concrete scalar (not a tracer, callable or array
+    with elements)."""
+    if isinstance(value, jax.core.Tracer | str | bytes) or callable(value):
         return False
     return np.ndim(value) == 0
 
@@ -49,7 +51,7 @@ def check_range(
     callables) are left to the caller: ``Optimizer`` rejects them with a
     ``TypeError``.
     """
-    if not _is_concrete_number(value):
+    if not is_concrete_number(value):
         return
     v = float(value)
     ok = not math.isnan(v)
@@ -116,6 +118,29 @@ def hyperparams(opt_params: OptParams, dtype: Any, *names: str) -> tuple:
         raise ValueError(
             f"opt_params lacks {e.args[0]!r}; it has {sorted(opt_params)}"
         ) from None
+
+
+def check_step(step: ArrayLike) -> None:
+    """Raises ``ValueError`` for a concrete step below 0 (steps count from 0; a
+    negative one would give Adam a bias correction of ``1 / (1 - b**0)``).
+    Traced steps are not checked."""
+    if isinstance(step, jax.core.Tracer):
+        return
+    if np.ndim(step) != 0:
+        raise ValueError(f"step must be a scalar, got shape {np.shape(step)}")
+    if np.asarray(step) < 0:
+        raise ValueError(f"step must be >= 0 (steps count from 0), got {step!r}")
+
+
+def check_opt_params(opt_params: OptParams, known: Any) -> None:
+    """Raises ``ValueError`` for a key of ``opt_params`` that is not in ``known``
+    (a typo such as ``'lr'`` would otherwise be ignored without a word)."""
+    unknown = sorted(set(opt_params) - set(known))
+    if unknown:
+        raise ValueError(
+            f"opt_params has unknown key(s) {unknown}; the optimizer knows "
+            f"{sorted(known)}"
+        )
 
 
 def step_count(step: ArrayLike, dtype: Any) -> jax.Array:
@@ -280,7 +305,7 @@ class Optimizer:
         self._clip_grad_norm = clip_grad_norm
         params = {"learning_rate": learning_rate, **init_opt_params}
         for name, value in params.items():
-            if value is None or not _is_concrete_number(value):
+            if value is None or not is_concrete_number(value):
                 raise TypeError(
                     f"opt_params[{name!r}] must be a scalar number, got {value!r}"
                 )
@@ -415,6 +440,8 @@ class Optimizer:
             check_not_tracing(
                 "tree_update", grad_tree, weight_tree, slots, opt_params, step
             )
+        check_step(step)
+        check_opt_params(opt_params, self.opt_params)
         paths, weights, treedef = _flatten_weights(weight_tree)
         check_same_structure("grad_tree", grad_tree, "weight_tree", weight_tree)
         grads = [jnp.asarray(g) for g in jax.tree.leaves(grad_tree)]

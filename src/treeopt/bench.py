@@ -34,6 +34,7 @@ import numpy as np
 import treeopt
 from treeopt import fusion
 from treeopt import packed as packed_lib
+from treeopt.cli import Interrupted
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -528,7 +529,9 @@ def bench_row(
 
 
 def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
-    """Runs every row of ``cfg``; a failing row is recorded, not raised.
+    """Runs every row of ``cfg``; a failing row is recorded, not raised. On
+    Ctrl-C, raises ``cli.Interrupted`` whose ``result`` holds the rows timed so
+    far (and ``"interrupted": True``).
 
     Two phases. First every row's steps are traced and lowered, one after the
     other, and each is handed to a pool of compile threads, so XLA compiles
@@ -552,11 +555,17 @@ def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
         if log is not None:
             log(_row_summary(record))
 
-    if cfg.pipeline:
-        profile = _run_pipelined(cfg, start, add, log)
-    else:
-        _run_row_by_row(cfg, start, add)
-        profile = _profile(cfg.profile_shape) if cfg.profile_shape else None
+    try:
+        if cfg.pipeline:
+            profile = _run_pipelined(cfg, start, add, log)
+        else:
+            _run_row_by_row(cfg, start, add)
+            profile = _profile(cfg.profile_shape) if cfg.profile_shape else None
+    except KeyboardInterrupt:
+        result["interrupted"] = True
+        result["wall_s"] = time.perf_counter() - start
+        done, total = len(result["rows"]), len(cfg.row_order())
+        raise Interrupted(f"after {done} of {total} rows", result) from None
     if profile is not None:
         result["profile"] = profile
     result["wall_s"] = time.perf_counter() - start
@@ -606,7 +615,8 @@ def _run_pipelined(
 
     trees = _TreeArrays(cfg.row_order())
     planned: list[tuple[str, str, Any, float]] = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         cores.acquire()
         try:
             _plan_rows(cfg, start, pool, compile_on_a_core, planned)
@@ -645,6 +655,9 @@ def _run_pipelined(
                 add(_failed(tree_name, opt_name, repr(e)), t0)
             finally:
                 trees.row_done(tree_name)
+    finally:
+        # After a Ctrl-C, wait for the compiles running, not for every one queued.
+        pool.shutdown(cancel_futures=True)
     return None if profile is None else profile.result()
 
 

@@ -18,9 +18,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 
 from treeopt import base
+
+try:
+    import orbax.checkpoint as ocp
+except ModuleNotFoundError as e:
+    if e.name not in ("orbax", "orbax.checkpoint"):  # broken, not missing
+        raise
+    msg = "treeopt.checkpoint needs orbax-checkpoint: pip install 'treeopt[checkpoint]'"
+    raise ModuleNotFoundError(msg, name=e.name) from None
 
 _FORMAT = 1
 _NOT_OPTIONS = frozenset({"slots", "opt_params"})

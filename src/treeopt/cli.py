@@ -3,19 +3,123 @@
 Each subcommand is a function ``_add_<name>(subparsers)`` that declares its
 arguments and sets ``func``, a callable taking the parsed arguments. A
 subcommand reports bad input by raising ``UsageError``: ``main`` prints it as
-one line on stderr and exits with status 2, without a traceback.
+one line on stderr and exits with status 2, without a traceback. A Ctrl-C,
+wherever it lands (importing JAX included: this module imports nothing heavy),
+ends with one line and status 130; a subcommand that kept partial results says
+so by raising ``Interrupted``.
 """
 
 from __future__ import annotations
 
+import _thread
 import argparse
+import contextlib
+import functools
+import importlib
+import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
+
+import treeopt
 
 
 class UsageError(Exception):
     """Bad input to a subcommand; its message is shown as one line."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C after which a subcommand kept what had finished.
+
+    The message says what was kept (``main`` prints it after "interrupted");
+    ``result`` holds it for the caller.
+    """
+
+    def __init__(self, message: str, result: Any = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Holds SIGINT back until the block ends: a Ctrl-C while jaxlib's extension
+    initializes turns into an ImportError or an abort, not a KeyboardInterrupt."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def require_extra(command: str, extra: str, modules: Sequence[str]) -> None:
+    """Imports ``modules`` (a Ctrl-C meanwhile takes effect after them); a missing
+    one is a ``UsageError`` naming ``extra``."""
+    with _ctrl_c_held():
+        for module in modules:
+            try:
+                importlib.import_module(module)
+            except ModuleNotFoundError as e:
+                missing = (e.name or module).partition(".")[0]
+                raise UsageError(
+                    f"{command} needs {missing}: pip install 'treeopt[{extra}]'"
+                ) from None
+
+
+def _interrupt_again(hook: Callable[[Any], object], unraisable: Any) -> None:
+    """``sys.unraisablehook`` while ``main`` runs (``hook``: the one before): a
+    Ctrl-C that lands in a callback, such as JAX's garbage-collection callback,
+    is printed and dropped by Python; it is raised in the main thread again."""
+    if not issubclass(unraisable.exc_type, KeyboardInterrupt):
+        hook(unraisable)
+        return
+    # Raised from here it would be dropped again; a moment later, from another
+    # thread, it lands in the main thread's own code (or comes back here).
+    timer = threading.Timer(0.05, _ctrl_c_to_main_thread)
+    timer.daemon = True
+    timer.start()
+
+
+def _ctrl_c_to_main_thread() -> None:
+    # A real signal, unlike interrupt_main, also ends a blocking call (a sleep).
+    if hasattr(signal, "pthread_kill"):
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    else:
+        _thread.interrupt_main()
+
+
+def check_writable_dir(path: Path, flag: str) -> None:
+    """Creates directory ``path`` if needed and checks that a file can be made in
+    it, so that a run does not lose its results at the end."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".treeopt-probe-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: {e.strerror or e}") from None
+
+
+def check_writable_file(path: Path, flag: str) -> None:
+    """Checks that file ``path`` can be written; an existing file is left as it
+    is (opened to append, nothing written) and a new one is removed again."""
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory")
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: {e.strerror or e}") from None
+    if not existed:
+        path.unlink()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,17 +158,20 @@ _nonnegative_int = _int_at_least(0, "non-negative")
 
 
 def _optimizer_names(text: str) -> tuple[str, ...]:
-    from treeopt.demo import OPTIMIZERS
-
+    # Checked against the known names by the subcommand: knowing them means
+    # importing JAX (and for the demo Flax), which parsing does not do.
     names = tuple(n.strip().lower() for n in text.split(",") if n.strip())
-    for name in names:
-        if name not in OPTIMIZERS:
-            raise argparse.ArgumentTypeError(
-                f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}"
-            )
     if not names:
         raise argparse.ArgumentTypeError("no optimizer given")
     return names
+
+
+def _check_names(names: Sequence[str], known: Sequence[str]) -> None:
+    for name in names:
+        if name not in known:
+            raise UsageError(
+                f"unknown optimizer {name!r}; choose from {', '.join(known)}"
+            )
 
 
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
@@ -125,9 +232,11 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
+    require_extra("demo", "demo", ("jax", "flax.linen", "matplotlib", "rich"))
     from treeopt import demo
 
     names = args.optimizers or tuple(demo.OPTIMIZERS)
+    _check_names(names, tuple(demo.OPTIMIZERS))
     demo.run(
         demo.Config(
             optimizers=names,
@@ -158,9 +267,10 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, default=None, help="also write JSON here")
     p.add_argument(
         "--optimizers",
-        type=lambda t: tuple(n.strip().lower() for n in t.split(",") if n.strip()),
+        type=_optimizer_names,
         default=None,
-        help="comma-separated subset (default: all)",
+        help="comma-separated subset of sgd,momentum,rmsprop,adam,adafactor,sm3 "
+        "(default: all)",
     )
     p.add_argument(
         "--xla-cpu-multi-output-fusion",
@@ -171,18 +281,13 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    try:
-        import optax  # noqa: F401
-    except ImportError:
-        msg = "bench compares with optax: pip install 'treeopt[optax]'"
-        raise UsageError(msg) from None
+    require_extra("bench", "optax", ("jax", "optax"))
     from treeopt import bench
 
     names = args.optimizers or bench.OPTIMIZERS
-    unknown = [n for n in names if n not in bench.OPTIMIZERS]
-    if unknown:
-        choices = ", ".join(bench.OPTIMIZERS)
-        raise UsageError(f"unknown optimizer {unknown[0]!r}; choose from {choices}")
+    _check_names(names, bench.OPTIMIZERS)
+    if args.json is not None:
+        check_writable_file(args.json, "--json")
     if args.xla_cpu_multi_output_fusion:
         from treeopt import fusion
 
@@ -192,10 +297,21 @@ def _bench(args: argparse.Namespace) -> None:
             raise UsageError(str(e)) from None
     cfg = bench.config("quick" if args.quick else "full")
     cfg = bench.dataclasses.replace(cfg, optimizers=names)
-    result = bench.run(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
+    log = lambda line: print(line, file=sys.stderr, flush=True)
+    try:
+        result = bench.run(cfg, log=log)
+    except Interrupted as e:
+        _bench_report(e.result, args.json)
+        raise
+    _bench_report(result, args.json)
+
+
+def _bench_report(result: dict, json_path: Path | None) -> None:
+    from treeopt import bench
+
     print(bench.to_markdown(result))
-    if args.json is not None:
-        args.json.write_text(bench.to_json(result))
+    if json_path is not None:
+        json_path.write_text(bench.to_json(result))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -205,18 +321,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="treeopt",
         description="treeopt: the Trax optimizers for current JAX.",
     )
+    parser.add_argument(
+        "--version", action="version", version=f"treeopt {treeopt.__version__}"
+    )
     subparsers = parser.add_subparsers(
         dest="command", required=True, parser_class=_Parser
     )
     _add_demo(subparsers)
     _add_bench(subparsers)
-    args = parser.parse_args(argv)
+    prog = "treeopt"
+    hook = sys.unraisablehook
+    sys.unraisablehook = functools.partial(_interrupt_again, hook)
     try:
+        args = parser.parse_args(argv)
+        prog = f"treeopt {args.command}"
         args.func(args)
     except UsageError as e:
-        print(f"treeopt {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"treeopt {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        kept = f" {e}" if isinstance(e, Interrupted) else ""
+        print(f"{prog}: interrupted{kept}", file=sys.stderr)
         return 130
+    finally:
+        sys.unraisablehook = hook
     return 0
+
+
+def console_main() -> NoReturn:
+    """The ``treeopt`` program (and ``python -m treeopt``): exits with ``main()``'s
+    status. After a Ctrl-C it exits at once, skipping the interpreter's teardown,
+    in which XLA crashes after an interrupted compile."""
+    status = main()
+    if status == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

@@ -25,7 +25,7 @@ import numpy as np
 
 import treeopt
 from treeopt import schedules
-from treeopt.cli import UsageError
+from treeopt.cli import Interrupted, UsageError, check_writable_dir
 from treeopt.demo_model import CharTransformer, cross_entropy, generate
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ _LN2 = math.log(2.0)
 VALIDATION_FRACTION = 0.1
 STDLIB_CHARS = 2_000_000  # corpus size read from the standard library
 EVAL_WINDOWS = 128  # fixed windows for each validation (and final training) loss
+OUTPUTS = ("curves.csv", "results.json", "demo.png")  # written into --out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,7 +280,9 @@ def _write_outputs(runs: list[Run], cfg: Config, corpus: Corpus, extra: dict) ->
 
 def run(cfg: Config) -> None:
     """Trains every optimizer in ``cfg``, prints the table and a sample, and
-    writes ``curves.csv``, ``results.json`` and ``demo.png`` into ``cfg.out``."""
+    writes ``curves.csv``, ``results.json`` and ``demo.png`` into ``cfg.out``
+    (checked writable first). On Ctrl-C, prints the table and writes the files
+    of the optimizers that finished, then raises ``cli.Interrupted``."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -294,10 +297,10 @@ def run(cfg: Config) -> None:
             f"--d-model {cfg.d_model} is not a multiple of --heads {cfg.heads}"
         )
     corpus = load_corpus(cfg.data, cfg.context)
-    try:
-        cfg.out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--out {cfg.out}: {e.strerror}") from None
+    check_writable_dir(cfg.out, "--out")
+    for name in OUTPUTS:
+        if (cfg.out / name).is_dir():
+            raise UsageError(f"--out {cfg.out}: {name} is a directory")
     out, err = Console(soft_wrap=True), Console(stderr=True)
     model = CharTransformer(
         len(corpus.chars), cfg.context, cfg.d_model, cfg.layers, cfg.heads
@@ -332,22 +335,42 @@ def run(cfg: Config) -> None:
         TimeElapsedColumn(),
     )
     start = time.perf_counter()
-    with Progress(*columns, console=err) as progress:
-        runs = [
-            train_one(name, cfg, corpus, model, params, eval_sets, eval_loss, progress)
-            for name in cfg.optimizers
-        ]
+    runs: list[Run] = []
+    interrupted = False
+    try:
+        with Progress(*columns, console=err) as progress:
+            for name in cfg.optimizers:
+                runs.append(
+                    train_one(
+                        name, cfg, corpus, model, params, eval_sets, eval_loss, progress
+                    )
+                )
+    except KeyboardInterrupt:
+        interrupted = True
     wall = time.perf_counter() - start
+    done = f"after {len(runs)} of {len(cfg.optimizers)} optimizers"
+    if interrupted and not runs:
+        raise Interrupted(f"{done}; nothing written")
     out.print(_table(runs))
     out.print(
         f"{n_params:,} parameters, {runs[0].param_bytes:,} bytes; bpc: bits per "
         "character; state: the optimizer's slots"
     )
+    extra = {
+        "params": n_params,
+        "wall_seconds": round(wall, 1),
+        "interrupted": interrupted,
+    }
+    if interrupted:  # keep the finished runs; no sample, the user wants out
+        _write_outputs(runs, cfg, corpus, extra)
+        names = ", ".join(r.name for r in runs)
+        raise Interrupted(
+            f"{done}; wrote {', '.join(OUTPUTS)} for {names} to {cfg.out}/"
+        )
     best = min(runs, key=lambda r: r.final_val_bpc)
     prompt = [int(i) for i in corpus.val[: max(1, cfg.context // 2)]]
     key = jax.random.key(cfg.seed)
     sample = generate(model, best.weights, prompt, cfg.sample_chars, key)
-    extra = {"params": n_params, "wall_seconds": round(wall, 1)}
     _write_outputs(runs, cfg, corpus, extra)
     out.print(f"\nSample from {best.name} (lowest validation loss), after the prompt:")
     out.print(corpus.decode(prompt), style="dim", end="", markup=False, highlight=False)

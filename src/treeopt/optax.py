@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.typing import ArrayLike
 
 from treeopt import base, guard
+
+try:
+    import optax
+except ModuleNotFoundError as e:
+    if e.name != "optax":  # optax is there but broken: its own error says why
+        raise
+    msg = "treeopt.optax needs optax: pip install 'treeopt[optax]'"
+    raise ModuleNotFoundError(msg, name=e.name) from None
 
 
 class TreeoptState(NamedTuple):
@@ -58,9 +66,14 @@ def _delta(new: jax.Array, old: ArrayLike) -> jax.Array:
     return jnp.where(~lands(u) & lands(u_next), u_next, u)
 
 
+def _constant(value: jax.Array, count: jax.Array) -> jax.Array:
+    del count
+    return value
+
+
 def to_optax(
     optimizer: base.Optimizer,
-    learning_rate: Callable[[jax.Array], ArrayLike] | None = None,
+    learning_rate: float | Callable[[jax.Array], ArrayLike] | None = None,
 ) -> optax.GradientTransformation:
     """Wraps a treeopt optimizer as an ``optax.GradientTransformation``.
 
@@ -75,13 +88,23 @@ def to_optax(
     Args:
       optimizer: any ``treeopt.Optimizer``; wrap it in
         ``treeopt.SkipNonFinite`` to skip steps with NaN/Inf gradients.
-      learning_rate: optional schedule ``count -> learning rate``; if given, it
-        overwrites ``opt_params['learning_rate']`` in the state before each step.
+      learning_rate: optional number or schedule ``count -> learning rate``
+        (as optax's optimizers take); if given, it overwrites
+        ``opt_params['learning_rate']`` in the state before each step.
     """
     if not isinstance(optimizer, base.Optimizer):
         raise TypeError(
             f"to_optax expects a treeopt.Optimizer, got {type(optimizer).__name__}"
         )
+    if learning_rate is not None and not callable(learning_rate):
+        # A number, as optax's own optimizers accept: a constant schedule.
+        if not base.is_concrete_number(learning_rate):
+            raise TypeError(
+                f"learning_rate must be a number or a schedule count -> number, "
+                f"got {type(learning_rate).__name__}"
+            )
+        base.check_nonnegative("learning_rate", learning_rate)
+        learning_rate = functools.partial(_constant, jnp.float32(learning_rate))
     guarded = isinstance(optimizer, guard.SkipNonFinite)
 
     def init(params: optax.Params) -> TreeoptState:

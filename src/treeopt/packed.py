@@ -195,6 +195,8 @@ class Packed:
         (``gradients_l2`` before clipping, ``weights_l2`` before the step) with
         ``with_metrics=True``.
         """
+        base.check_step(step)
+        base.check_opt_params(opt_params, self._opt.opt_params)
         for name, x in (("grads", packed_grads), ("weights", packed_weights)):
             self._check_groups(x, f"packed {name}")
         self._check_groups(slots, "packed slots")
