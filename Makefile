@@ -50,7 +50,8 @@ demo: $(VENV)/.demo-installed
 	$(BIN)/treeopt demo
 
 bench: $(VENV)/.test-installed
-	$(BIN)/python benchmarks/bench.py
+	mkdir -p benchmarks/out
+	$(BIN)/treeopt bench --json benchmarks/out/cpu.json
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -7,7 +7,6 @@ checkout's ``src/``. Rows run most important first; none starts after
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -18,7 +17,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 sys.path.insert(0, SRC)
 
-from treeopt import bench, fusion  # noqa: E402  (after the sys.path line)
+from treeopt import bench  # noqa: E402  (after the sys.path line)
 
 ROWS = [
     ("transformer_1b", "adam"),
@@ -44,11 +43,9 @@ def main() -> int:
     p.add_argument(
         "--sibling-outputs",
         action="store_true",
-        help="treeopt's elementwise steps in the sibling form (treeopt.fusion)",
+        help="treeopt's elementwise optimizers as fusion.SiblingOutputs",
     )
     args = p.parse_args()
-    if args.sibling_outputs:
-        fusion.use_sibling_outputs(True)
     t0 = time.perf_counter()
     big = bench.transformer_shapes(2048, 20, 32768, 2048, 16)
     small = bench.many_small_shapes(1000, 4)
@@ -57,13 +54,12 @@ def main() -> int:
         small = bench.many_small_shapes(40)
     cfg = bench.Config(
         trees={"transformer_1b": big, "many_small": small},
-        rounds=5,
-        steps_per_round=4,
+        rounds=20,
         bandwidth_elements=1 << 27,
+        sibling_outputs=args.sibling_outputs,
+        profile_shape=None,  # the profile reads XLA:CPU's HLO
         rows=ROWS,
         budget_s=args.budget,
-        profile_shape=None,  # the profile reads XLA:CPU's HLO
-        pipeline=False,  # row by row: the budget bounds the run
     )
 
     def log(line: str) -> None:
@@ -72,7 +68,7 @@ def main() -> int:
     # A failing row is recorded in the table; each row is also logged as it ends.
     result = bench.run(cfg, log=log)
     with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+        f.write(bench.to_json(result))
     print(bench.to_markdown(result), flush=True)
     print(f"total {time.perf_counter() - t0:.1f} s")
     return 0

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import treeopt
-from treeopt import packed
+from treeopt import fusion, packed
 
 STEPS = 3
 BIG = (512, 256)  # the leaf whose compiled kernels are counted
@@ -21,7 +21,7 @@ CASES = {
     "rmsprop-clip": lambda: treeopt.RMSProp(0.05, clip_grad_norm=0.5),
     "adam": lambda: treeopt.Adam(0.05),
     "adam-wd": lambda: treeopt.Adam(0.05, weight_decay_rate=0.1),
-    "adam-packed": lambda: packed.Packed(treeopt.Adam(0.05), make_tree(0)),
+    "adam-packed": lambda: treeopt.Adam(0.05),
 }
 PROFILED = {k: CASES[k] for k in ("momentum-nesterov", "rmsprop", "adam")}
 
@@ -41,9 +41,21 @@ def make_tree(seed: int) -> dict:
     }
 
 
-def run_case(opt) -> dict[str, np.ndarray]:
+def optimizer(case_id: str, sibling: bool):
+    """The case's optimizer, in the sibling form if asked, packed if its id
+    says so."""
+    opt = CASES[case_id]()
+    if sibling:
+        opt = fusion.SiblingOutputs(opt)
+    if case_id.endswith("-packed"):
+        return packed.Packed(opt, make_tree(0))
+    return opt
+
+
+def run_case(case_id: str, sibling: bool) -> dict[str, np.ndarray]:
     """``STEPS`` jitted, donated steps; the weights and slots by path, as float32
     (exact for bfloat16)."""
+    opt = optimizer(case_id, sibling)
     weights = make_tree(0)
     if isinstance(opt, packed.Packed):  # packed weights, gradients and slots
         weights = opt.pack(weights)

@@ -1,6 +1,6 @@
 """Runs in a process started with XLA:CPU's multi-output fusion on (see
-test_fusion.py): steps every elementwise case and writes the results, and the
-kernels that one large leaf's step compiles to, as an .npz file."""
+test_fusion.py): steps every elementwise case in the sibling form and writes the
+results, and the kernels that one large leaf's step compiles to, as an .npz file."""
 
 import sys
 
@@ -14,11 +14,11 @@ from treeopt import bench, fusion
 
 def main(out_path: str) -> None:
     results = {"on": np.asarray(fusion.cpu_multi_output_fusion())}
-    for case_id, make in fc.CASES.items():
-        for path, x in fc.run_case(make()).items():
+    for case_id in fc.CASES:
+        for path, x in fc.run_case(case_id, sibling=True).items():
             results[f"{case_id}/{path}"] = x
-    for case_id, make in fc.PROFILED.items():
-        opt = make()
+    for case_id in fc.PROFILED:
+        opt = fc.optimizer(case_id, sibling=True)
         w = {"w": jnp.zeros(fc.BIG, jnp.float32)}
         slots, op = opt.tree_init(w, store_slots=False)
 

@@ -339,45 +339,63 @@ def test_restored_float64_opt_params_do_not_change_dtypes_or_values(
 
 
 class _Scaled(treeopt.Optimizer):
-    """A custom optimizer written as _prepare/_apply: w <- w - lr * scale * g."""
+    """A custom optimizer, ``w <- w - lr * scale * g``, that records the dtypes
+    ``update`` sees."""
 
     def __init__(self, **kwargs):
         super().__init__(scale=2.0, **kwargs)
-        self.prepare_calls = []
+        self.seen = []
 
     def init(self, weights):
         return None
 
-    def _prepare(self, step, opt_params, dtype):
-        self.prepare_calls.append(jnp.dtype(dtype))
-        lr, scale = treeopt.base.hyperparams(
-            opt_params, dtype, "learning_rate", "scale"
+    def update(self, step, grads, weights, slots, opt_params):
+        self.seen.append(
+            [jnp.dtype(x.dtype) for x in (grads, weights, *opt_params.values())]
         )
-        return lr * scale
+        lr, scale = opt_params["learning_rate"], opt_params["scale"]
+        return weights - lr * scale * grads, None
 
-    def _apply(self, prepared, grads, weights, slots):
-        w, g = treeopt.base.upcast(weights, grads)
-        return treeopt.base.as_dtype(w - prepared * g, weights.dtype), None
+    def slot_axes(self, ndim):
+        return []
 
 
-def test_prepare_runs_once_per_compute_dtype_and_update_composes_the_pair():
+def test_update_gets_every_input_in_the_compute_dtype_and_results_cast_back():
     opt = _Scaled(learning_rate=0.5)
     weights = [
         jnp.ones((2,)),
         jnp.ones((3,), jnp.bfloat16),
         jnp.ones(()),
-        jnp.ones((1, 2)),
+        jnp.ones((1, 2), jnp.float16),
     ]
     grads = [jnp.full(w.shape, 0.25, w.dtype) for w in weights]
     slots, params = opt.tree_init(weights, store_slots=False)
     new, _ = opt.tree_update(0, grads, weights, slots, params, store_slots=False)
-    # bfloat16 leaves compute in float32 too: one _prepare for four leaves.
-    assert opt.prepare_calls == [jnp.dtype(jnp.float32)]
+    # 16-bit leaves compute in float32: grads, weights and hyperparameters.
+    assert opt.seen == [[jnp.dtype(jnp.float32)] * 4] * 4
     for w, n in zip(weights, new, strict=True):
         assert n.dtype == w.dtype
         np.testing.assert_allclose(np.asarray(n, np.float32), 1 - 0.5 * 2.0 * 0.25)
     w1, _ = opt.update(0, grads[0], weights[0], None, params)
     np.testing.assert_allclose(w1, new[0])
+
+
+def test_hyperparameters_are_cast_once_per_step_and_compute_dtype(monkeypatch):
+    casts = []
+    as_dtype = treeopt.base.as_dtype
+
+    def counting(x, dtype):
+        if np.ndim(x) == 0:
+            casts.append(jnp.dtype(dtype))
+        return as_dtype(x, dtype)
+
+    monkeypatch.setattr(treeopt.base, "as_dtype", counting)
+    opt = treeopt.Adam()
+    weights = [jnp.ones(3), jnp.ones((2, 2), jnp.bfloat16), jnp.ones(4)]
+    slots, params = opt.tree_init(weights, store_slots=False)
+    opt.tree_update(0, weights, weights, slots, params, store_slots=False)
+    # Five hyperparameters, one compute dtype (float32), whatever the leaves.
+    assert casts == [jnp.dtype(jnp.float32)] * len(params)
 
 
 def test_subclass_overriding_update_keeps_its_update_in_tree_update():
@@ -397,16 +415,18 @@ def test_subclass_overriding_update_keeps_its_update_in_tree_update():
     np.testing.assert_allclose(m_mine, 0.5 * m_adam, rtol=1e-6)
 
 
-def test_optimizer_without_update_or_apply_raises_not_implemented():
+def test_optimizer_without_update_raises_not_implemented_naming_it():
     class Empty(treeopt.Optimizer):
         def init(self, weights):
             return None
 
     opt = Empty()
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(NotImplementedError, match="Empty must define update"):
         opt.update(0, jnp.ones(2), jnp.ones(2), None, opt.opt_params)
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(NotImplementedError, match="Empty must define update"):
         opt.tree_update(0, [jnp.ones(2)], [jnp.ones(2)], (None,), opt.opt_params)
+    with pytest.raises(NotImplementedError, match="Empty must define slot_axes"):
+        opt.slot_axes(2)
 
 
 def test_update_replaced_on_the_instance_is_called_by_tree_update():
@@ -424,27 +444,6 @@ def test_update_replaced_on_the_instance_is_called_by_tree_update():
     new, _ = opt.tree_update(0, weights, weights, slots, params, store_slots=False)
     assert len(calls) == 3
     np.testing.assert_allclose(new[1], 0.9 * np.ones(3), rtol=1e-6)
-
-
-def test_apply_without_prepare_names_what_is_missing():
-    class OnlyApply(treeopt.Optimizer):
-        def init(self, weights):
-            return None
-
-        def _apply(self, prepared, grads, weights, slots):
-            return weights, None
-
-    with pytest.raises(
-        NotImplementedError, match="OnlyApply defines _apply but not _prepare"
-    ):
-        OnlyApply().tree_update(
-            0,
-            [jnp.ones(2)],
-            [jnp.ones(2)],
-            (None,),
-            {"learning_rate": 0.1},
-            store_slots=False,
-        )
 
 
 @pytest.mark.parametrize(("cls", "kwargs", "case_id"), CASES, ids=IDS)

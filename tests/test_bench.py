@@ -1,8 +1,9 @@
-"""The benchmark runs end to end in a tiny configuration (structure only, no timing)."""
+"""The benchmark: a tiny run end to end, its arithmetic, its steps' numbers,
+its timing and its command line."""
 
-import importlib.util
+import dataclasses
 import json
-import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,55 +12,135 @@ import pytest
 
 pytest.importorskip("optax")
 
-from treeopt import bench
+from treeopt import bench, cli, fusion, registry
+from treeopt.bench import steps, timing
+from treeopt.packed import Packed
 
-SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench.py"
+from helpers import assert_reordered_close, random_leaves
+
+SMALL = {"a/w": (8, 4), "a/b": (4,), "c": (16,)}  # 52 parameters in 3 leaves
+ROUNDS = 3
+
+
+def _config(**changes) -> bench.Config:
+    cfg = bench.Config(
+        trees={"small": SMALL},
+        rounds=ROUNDS,
+        bandwidth_elements=1 << 12,
+        profile_shape=(8, 4),
+    )
+    return dataclasses.replace(cfg, **changes)
 
 
 @pytest.fixture(scope="module")
 def tiny_result():
-    cfg = bench.dataclasses.replace(
-        bench.config("tiny"),
-        trees={k: bench.config("tiny").trees[k] for k in ("many_small",)},
-    )
-    return bench.run(cfg)
+    return bench.run(_config())
 
 
-cfg_tiny = bench.config("tiny")
-
-
-def test_every_row_has_both_libraries_and_consistent_numbers(tiny_result):
+def test_every_optimizer_has_a_row_with_consistent_numbers(tiny_result):
     rows = tiny_result["rows"]
     assert [(r["tree"], r["optimizer"]) for r in rows] == [
-        ("many_small", o) for o in bench.OPTIMIZERS
+        ("small", name) for name in registry.NAMES
     ]
     for row in rows:
         assert "error" not in row, row
-        assert row["n_leaves"] == 12
+        assert (row["n_leaves"], row["n_params"]) == (3, 52)
         assert row["param_bytes"] == 4 * row["n_params"]
-        variants = {"treeopt", "optax", "packed"}
         # The packed layout holds the same slots, only regrouped.
         assert row["packed"]["state_bytes"] == row["treeopt"]["state_bytes"]
-        for v in variants:
+        bandwidth = row["axpy"]["gbs"] * 1e9
+        for v in ("treeopt", "optax", "packed"):
             rec = row[v]
-            assert rec["ms"] > 0 and rec["compile_s"] > 0 and rec["bound_ms"] > 0
+            assert rec["ms"] > 0 and rec["compile_s"] > 0
+            assert rec["samples"] == ROUNDS
             moved = 3 * row["param_bytes"] + 2 * rec["state_bytes"]
-            bandwidth = row["axpy"]["gbs"] * 1e9
-            expected_bound = 1e3 * moved / bandwidth
-            assert rec["bound_ms"] == pytest.approx(expected_bound)
+            assert rec["bound_ms"] == pytest.approx(1e3 * moved / bandwidth)
             assert rec["pct_of_bound"] == pytest.approx(
                 100 * rec["bound_ms"] / rec["ms"]
             )
         assert row["ratio"] == pytest.approx(row["treeopt"]["ms"] / row["optax"]["ms"])
-        # The probe covers as many elements as the tree (at least 1024) and its
-        # bandwidth is its 12 bytes per element over its median time.
+        assert row["packed_ratio"] == pytest.approx(
+            row["packed"]["ms"] / row["optax"]["ms"]
+        )
+        # The probe: as many elements as the tree, at least 1024; timed in the
+        # same rounds; 12 bytes per element over its median time.
         probe = row["axpy"]
-        # Timed in every round with the steps: as many samples as each step.
-        samples = cfg_tiny.rounds * cfg_tiny.steps_per_round
-        assert probe["samples"] == samples
-        assert all(row[v]["samples"] == samples for v in variants)
-        assert probe["elements"] == max(1024, row["n_params"])
+        assert probe["elements"] == 1024 and probe["samples"] == ROUNDS
         assert probe["gbs"] == pytest.approx(12 * probe["elements"] / probe["ms"] / 1e6)
+    assert tiny_result["config"]["rounds"] == ROUNDS
+    assert "interrupted" not in tiny_result and tiny_result["wall_s"] > 0
+
+
+def test_state_bytes_follow_the_slot_layouts(tiny_result):
+    by_opt = {r["optimizer"]: r for r in tiny_result["rows"]}
+    p = by_opt["adam"]["param_bytes"]
+    assert by_opt["sgd"]["treeopt"]["state_bytes"] == 0
+    assert by_opt["momentum"]["treeopt"]["state_bytes"] == p
+    assert by_opt["rmsprop"]["packed"]["state_bytes"] == p
+    assert by_opt["adam"]["treeopt"]["state_bytes"] == 2 * p
+    assert by_opt["adam"]["optax"]["state_bytes"] > 2 * p  # and a step count
+    # Factored statistics are smaller than the parameters.
+    assert 0 < by_opt["adafactor"]["treeopt"]["state_bytes"] < p
+
+
+def test_markdown_and_json_hold_the_rows(tiny_result):
+    md = bench.to_markdown(tiny_result)
+    header = next(line for line in md.splitlines() if line.startswith("| tree |"))
+    lines = [line for line in md.splitlines() if line.startswith("| small (3")]
+    assert len(lines) == len(registry.NAMES)
+    for line, row in zip(lines, tiny_result["rows"], strict=True):
+        assert line.count("|") == header.count("|") == 12
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1] == row["optimizer"]
+        assert cells[2:5] == [
+            f"{row['treeopt']['ms']:.3f}",
+            f"{row['optax']['ms']:.3f}",
+            f"{row['ratio']:.2f}",
+        ]
+        assert cells[5] == f"{row['packed']['ms']:.3f}"
+    assert f"medians of {ROUNDS} rounds" in md
+    assert json.loads(bench.to_json(tiny_result)) == tiny_result
+
+
+def test_row_reports_medians_of_the_rounds_and_their_ratios(monkeypatch):
+    samples = {  # seconds per round, as timing.interleaved returns them
+        "treeopt": [3e-3, 1e-3, 2e-3],
+        "optax": [4e-3, 9e-3, 4e-3],
+        "packed": [1e-3, 1e-3, 5e-3],
+        "axpy": [2e-3, 1e-3, 1e-3],
+    }
+    monkeypatch.setattr(timing, "interleaved", lambda runners, rounds: samples)
+    params = bench.make_tree(SMALL, 0)
+    row = bench.measure_row("small", params, params, "adam", _config())
+    assert [row[v]["ms"] for v in ("treeopt", "optax", "packed")] == pytest.approx(
+        [2.0, 4.0, 1.0]
+    )
+    assert row["ratio"] == pytest.approx(0.5)
+    assert row["packed_ratio"] == pytest.approx(0.25)
+    assert row["axpy"]["gbs"] == pytest.approx(12 * 1024 / 1e-3 / 1e9)
+    moved = 3 * 4 * 52 + 2 * 2 * 4 * 52  # w, g, w' and Adam's m, v, m', v'
+    assert row["treeopt"]["bound_ms"] == pytest.approx(1e3 * moved / (12 * 1024e3))
+
+
+def test_interleaved_times_one_call_per_round_in_alternating_order():
+    now, calls = [0.0], []
+    durations = {"a": iter([9.0, 1.0, 2.0, 3.0]), "b": iter([9.0, 10.0, 30.0, 20.0])}
+
+    def step(name):
+        def call():
+            calls.append(name)
+            now[0] += next(durations[name])
+
+        return call
+
+    seconds = timing.interleaved(
+        {"a": step("a"), "b": step("b")}, rounds=3, clock=lambda: now[0]
+    )
+    # One untimed call each, then rounds a b, b a, a b.
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert seconds == {"a": [1.0, 2.0, 3.0], "b": [10.0, 30.0, 20.0]}
+    assert timing.median_ms(seconds["b"]) == 20_000.0
+    assert timing.median_ms([1.0, 4.0]) == 2_500.0
 
 
 def test_make_tree_draws_every_leaf_from_its_seed():
@@ -85,214 +166,108 @@ def test_make_tree_draws_every_leaf_from_its_seed():
     assert bench.make_tree({"w": (2, 3)}, 0, jnp.bfloat16)["w"].dtype == jnp.bfloat16
 
 
-def test_state_bytes_follow_the_slot_layouts(tiny_result):
-    by_opt = {r["optimizer"]: r for r in tiny_result["rows"]}
-    p = by_opt["adam"]["param_bytes"]
-    assert by_opt["sgd"]["treeopt"]["state_bytes"] == 0
-    assert by_opt["adam"]["treeopt"]["state_bytes"] == 2 * p
-    assert by_opt["momentum"]["treeopt"]["state_bytes"] == p
-    assert by_opt["rmsprop"]["packed"]["state_bytes"] == p
-    # Factored statistics are far smaller than the parameters.
-    assert 0 < by_opt["adafactor"]["treeopt"]["state_bytes"] < p
+def _one_step(step: steps.Step, params, grads):
+    carry, const = step.init(params, grads)
+    return jax.jit(step.fn)(carry, const)[0]
 
 
-def test_markdown_and_json_outputs(tiny_result):
-    md = bench.to_markdown(tiny_result)
-    table = [line for line in md.splitlines() if line.startswith("| many_small (12")]
-    assert len(table) == len(bench.OPTIMIZERS)
-    assert all(line.count("|") == 12 for line in table)
-    assert json.loads(bench.to_json(tiny_result))["rows"][0]["optimizer"] == "sgd"
+_ELEMENTWISE = ("sgd", "momentum", "rmsprop", "adam")
+# The longest sum of a step on the tree below: Adafactor's row and column
+# means over its largest leaf (24 elements); the others add no terms.
+_TERMS = {"adafactor": 24}
+# optax's Adam takes its second moment's (1 - b2) in float64 and its bias
+# correction's in float32, 1 - float32(b2): their ratio is off by up to
+# eps32 / (2 (1 - b2)) and the update, through the square root, by half that,
+# as much as a sum of 1 / (4 (1 - b2)) = 250 more terms in the policy's bound.
+_OPTAX_TERMS = {"adam": round(1 / (4 * (1 - 0.999)))}
 
 
-@pytest.mark.parametrize("pipeline", [True, False])
-def test_failing_row_is_recorded_and_budget_skips_rows(pipeline):
-    cfg = bench.Config(
-        trees={"t": {"w": (8, 8)}},
+@pytest.mark.parametrize("name", registry.NAMES)
+def test_each_registry_pair_steps_the_same_tree(name):
+    shapes = [(3, 4), (5,), (2, 3, 4)]
+    w0 = {f"p{i}": x for i, x in enumerate(random_leaves(1, shapes))}
+    g = {f"p{i}": x for i, x in enumerate(random_leaves(2, shapes))}
+    opt = steps.matched_optimizer(name)
+    ours = _one_step(steps.treeopt_step(opt), w0, g)
+    theirs = _one_step(steps.optax_step(steps.optax_optimizer(name)), w0, g)
+    w_packed = Packed(opt, w0).unpack(_one_step(steps.packed_step(opt, w0), w0, g))
+    for key in w0:
+        assert np.all(np.isfinite(ours[key])), key
+        assert not np.array_equal(ours[key], w0[key]), key
+    # The optax step is the reference run: [w0, w1] is its trajectory.
+    terms = _TERMS.get(name, 1)
+    optax_terms = terms + _OPTAX_TERMS.get(name, 0)
+    assert_reordered_close(ours, theirs, [w0, theirs], optax_terms, f"{name} vs optax")
+    assert_reordered_close(w_packed, ours, [w0, ours], terms, f"{name} packed")
+
+
+def test_sibling_outputs_wrap_only_the_elementwise_optimizers():
+    for name in registry.NAMES:
+        opt = steps.matched_optimizer(name, sibling_outputs=True)
+        wrapped = isinstance(opt, fusion.SiblingOutputs)
+        assert wrapped == (name in _ELEMENTWISE), name
+        assert not isinstance(steps.matched_optimizer(name), fusion.SiblingOutputs)
+
+
+def test_runner_steps_on_the_carry_the_last_step_returned():
+    r = steps.Runner(lambda y, x: 2 * y + x, jnp.arange(4.0), jnp.ones(4))
+    assert r.compile_s > 0
+    r()
+    r()
+    np.testing.assert_array_equal(r.carry, 4 * np.arange(4.0) + 3)
+
+
+def test_failing_row_is_recorded_budget_skips_and_probe_is_capped():
+    cfg = _config(
+        trees={"t": {"w": (64, 64)}},
         rows=[("t", "no_such_optimizer"), ("t", "sgd")],
         rounds=1,
-        steps_per_round=1,
-        bandwidth_elements=1 << 10,
+        bandwidth_elements=2048,
         profile_shape=None,
-        pipeline=pipeline,
     )
     result = bench.run(cfg)
     failed, ok = result["rows"]
     assert "no_such_optimizer" in failed["error"]
+    assert ok["treeopt"]["ms"] > 0 and ok["axpy"]["elements"] == 2048
     header, _, failed_line, ok_line = bench.to_markdown(result).splitlines()[2:6]
-    assert failed_line.count("|") == ok_line.count("|") == header.count("|") == 12
-    assert "error" not in ok and ok["treeopt"]["ms"] > 0
-    skipped = bench.run(bench.dataclasses.replace(cfg, budget_s=0.0))["rows"]
+    assert failed_line.count("|") == ok_line.count("|") == header.count("|")
+    skipped = bench.run(dataclasses.replace(cfg, budget_s=0.0))["rows"]
     assert [r["error"] for r in skipped] == ["skipped: budget"] * 2
 
 
-@pytest.mark.parametrize("ahead", [True, False])
-def test_small_trees_get_their_arrays_while_compiling(monkeypatch, ahead):
-    events = []
-    arm, time_row = bench._arm_row, bench._time_row
+def test_a_run_leaves_no_array_behind(monkeypatch):
+    # The second row fails after its arrays exist: they are dropped all the same.
+    real, calls = timing.interleaved, []
 
-    def logged_arm(row, trees):
-        events.append(("arm", row.optimizer))
-        arm(row, trees)
+    def fail_the_second(runners, rounds):
+        calls.append(list(runners))
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return real(runners, rounds)
 
-    def logged_time(row, *args):
-        events.append(("time", row.optimizer))
-        return time_row(row, *args)
-
-    def logged_wait(futures):  # the wait for every compile to end
-        events.append(("wait", ""))
-        return wait(futures)
-
-    wait = bench.wait
-    monkeypatch.setattr(bench, "wait", logged_wait)
-    monkeypatch.setattr(bench, "_arm_row", logged_arm)
-    monkeypatch.setattr(bench, "_time_row", logged_time)
-    cfg = bench.dataclasses.replace(
-        bench.config("tiny"),
-        trees={"many_small": bench.config("tiny").trees["many_small"]},
-        optimizers=("adam", "sm3"),
-        arm_ahead_bytes=1 << 25 if ahead else 0,
-        profile_shape=None,
-    )
-    rows = bench.run(cfg)["rows"]
-    timed = [("time", "adam"), ("arm", "adam"), ("time", "sm3"), ("arm", "sm3")]
-    if ahead:  # every row armed while the compiles run
-        armed = [("arm", "adam"), ("arm", "sm3"), ("wait", "")]
-        assert events == [*armed, ("time", "adam"), ("time", "sm3")]
-    else:  # each row armed as it is timed
-        assert events == [("wait", ""), *timed]
-    for row in rows:
-        assert "error" not in row, row
-        assert row["param_bytes"] == 4 * row["n_params"]
-        for v in ("treeopt", "optax", "packed"):
-            assert row[v]["ms"] > 0 and row[v]["state_bytes"] >= row["param_bytes"]
+    monkeypatch.setattr(timing, "interleaved", fail_the_second)
+    before = jax.live_arrays()  # held, so that no new array takes their ids
+    known = {id(x) for x in before}
+    rows = bench.run(_config(optimizers=("adam", "sm3"), profile_shape=None))["rows"]
+    assert "error" not in rows[0] and "out of memory" in rows[1]["error"]
+    assert calls == [["treeopt", "optax", "packed", "axpy"]] * 2
+    assert [x for x in jax.live_arrays() if id(x) not in known] == []
 
 
-def test_probe_size_has_a_floor_and_a_cap():
-    cfg = bench.Config(
-        trees={"small": {"w": (8, 8)}, "big": {"w": (64, 64)}},
-        optimizers=("sgd",),
-        rounds=1,
-        steps_per_round=2,
-        bandwidth_elements=2048,
-        profile_shape=None,
-    )
-    small, big = bench.run(cfg)["rows"]
-    assert small["axpy"]["elements"] == 1024 and big["axpy"]["elements"] == 2048
-    assert big["axpy"]["samples"] == 2
-
-
-def test_tree_arrays_are_dropped_after_their_last_row():
-    rows = [("a", "sgd"), ("b", "sgd"), ("a", "adam")]
-    trees = bench._TreeArrays(rows)
-    row_a = bench._Row("a", "sgd", {"w": (2, 3)}, {}, {}, {})
-    row_b = bench._Row("b", "sgd", {"w": (4,)}, {}, {}, {})
-    weights, grads = trees.get(row_a)
-    assert trees.get(row_a)[0] is weights  # made once
-    trees.get(row_b)
-    trees.row_done("a")
-    assert trees.get(row_a)[0] is weights  # a row on "a" is still to come
-    trees.row_done("b")
-    assert "b" not in trees._arrays
-    trees.row_done("a")
-    assert trees._arrays == {}
-    np.testing.assert_array_equal(grads["w"], bench.make_tree({"w": (2, 3)}, 1)["w"])
-
-
-def test_a_failing_row_frees_its_arrays(monkeypatch):
-    cfg = bench.Config(trees={"t": {"w": (8, 8)}}, rounds=1, steps_per_round=1)
-    row = bench._plan_row("t", cfg.trees["t"], "adam", cfg)
-    bench.compile_all(list(row.runners.values()))
-
-    def broken_probe(n):
-        raise RuntimeError("no memory for the probe")
-
-    monkeypatch.setattr(bench, "_axpy_runner", broken_probe)
-    with pytest.raises(RuntimeError, match="no memory"):
-        bench._time_row(row, cfg)
-    assert not row.armed
-    assert all(r._args == () for r in row.runners.values())
-
-
-@pytest.mark.parametrize("pipeline", [True, False])
-def test_a_failing_profile_is_recorded_and_the_rows_kept(monkeypatch, pipeline):
-    def broken(shape):
+def test_a_failing_profile_is_recorded_and_the_rows_kept(monkeypatch):
+    def broken(*args):
         raise ValueError("cannot profile")
 
     monkeypatch.setattr(bench, "profile_leaf", broken)
-    cfg = bench.Config(
-        trees={"t": {"w": (8, 8)}},
-        optimizers=("sgd",),
-        rounds=1,
-        steps_per_round=1,
-        profile_shape=(8, 8),
-        pipeline=pipeline,
-    )
-    result = bench.run(cfg)
+    result = bench.run(_config(optimizers=("sgd",)))
     assert "error" not in result["rows"][0]
     assert "cannot profile" in result["profile"]["error"]
-    assert "Profile of one (8, 8) leaf failed" in bench.to_markdown(result)
-
-
-def test_row_by_row_order_keeps_the_profile_and_the_row_record():
-    cfg = bench.Config(
-        trees={"t": {"w": (8, 8)}},
-        rows=[("t", "adam")],
-        rounds=1,
-        steps_per_round=1,
-        bandwidth_elements=1 << 10,
-        profile_shape=(8, 8),
-        pipeline=False,
-    )
-    result = bench.run(cfg)
-    (row,) = result["rows"]
-    assert row["treeopt"]["ms"] > 0 and row["wall_s"] > 0
-    assert [r["optimizer"] for r in result["profile"]["rows"]] == list(bench.OPTIMIZERS)
-
-
-def test_script_writes_table_and_json(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_script", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    out = tmp_path / "r.json"
-    assert (
-        script.main(
-            ["--tiny", "--trees", "one_big", "--opts", "sgd", "--json", str(out)]
-        )
-        == 0
-    )
-    assert "| one_big (1 leaves, 0.0M) | sgd |" in capsys.readouterr().out
-    assert json.loads(out.read_text())["rows"][0]["tree"] == "one_big"
-
-
-def test_cli_bench_rejects_unknown_optimizer(capsys):
-    from treeopt import cli
-
-    assert cli.main(["bench", "--optimizers", "adam,lion"]) == 2
-    assert "unknown optimizer 'lion'" in capsys.readouterr().err
-
-
-def test_cli_bench_fusion_option_needs_a_fresh_backend(capsys, monkeypatch):
-    from treeopt import cli, fusion
-
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("the bench ran although the option could not be set")
-
-    monkeypatch.setattr(bench, "run", must_not_run)
-    jax.devices()  # started without the option: it can no longer be turned on
-    monkeypatch.setenv("XLA_FLAGS", "")  # restored by monkeypatch whatever happens
-    fusion._probe.cache_clear()
-    try:
-        argv = ["bench", "--quick", "--xla-cpu-multi-output-fusion"]
-        assert cli.main(argv) == 2
-    finally:
-        fusion._probe.cache_clear()
-    err = capsys.readouterr().err
-    assert err.startswith("treeopt bench: error: JAX's CPU backend started before")
+    assert "Profile of one (8, 4) leaf failed" in bench.to_markdown(result)
 
 
 def test_profile_counts_kernels_and_bytes(tiny_result):
     rows = {r["optimizer"]: r for r in tiny_result["profile"]["rows"]}
-    assert set(rows) == set(bench.OPTIMIZERS)
+    assert list(rows) == list(registry.NAMES)
     # SGD is one kernel reading w and g and writing w, in both libraries.
     for lib in ("treeopt", "optax"):
         assert rows["sgd"][lib] == {"kernels": 1, "bytes": 12}
@@ -328,25 +303,76 @@ def test_hlo_passes_counts_multi_output_fusions():
     assert bench.hlo_passes(_HLO, (4,)) == [("small", 1)]
 
 
-@pytest.mark.parametrize("concurrent", [True, False])
-def test_runners_compiled_together_or_in_turn_step_the_same(concurrent):
-    import jax.numpy as jnp
-    import numpy as np
+def test_presets():
+    tiny, quick, full = (bench.config(n) for n in ("tiny", "quick", "full"))
+    for cfg in (tiny, quick, full):
+        assert list(cfg.trees) == ["transformer", "many_small", "one_big"]
+        assert tuple(cfg.optimizers) == registry.NAMES
+    sizes = [sum(map(np.prod, c.trees["many_small"].values())) for c in (tiny, quick)]
+    assert sizes[0] < sizes[1] < sum(map(np.prod, full.trees["many_small"].values()))
+    with pytest.raises(ValueError, match="full, quick, tiny"):
+        bench.config("huge")
 
-    runners = [  # the first argument is donated and replaced by the output
-        bench._Runner(
-            lambda a, b: (a * 2 + b,), (jnp.arange(4.0), jnp.ones(4)), (0,), ()
-        ),
-        bench._Runner(
-            lambda s, a: (a - s,), (jnp.arange(4.0),), (1,), (jnp.float32(1),)
-        ),
-    ]
-    assert all(r.lower_s > 0 and np.isnan(r.compile_s) for r in runners)
-    bench.compile_all(runners, concurrent=concurrent)
-    assert all(r.compile_s > r.lower_s for r in runners)
-    for r in runners:
-        r.step(record=True)
-        r.step(record=True)
-    np.testing.assert_array_equal(runners[0]._args[0], 4 * np.arange(4.0) + 3)
-    np.testing.assert_array_equal(runners[1]._args[0], np.arange(4.0) - 2)
-    assert all(len(r.times) == 2 and r.median_ms() > 0 for r in runners)
+
+# ------------------------------------------------------------- command line
+
+
+def test_cli_writes_the_table_and_json(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["bench", "--tiny", "--trees", "one_big", "--optimizers", "sgd"]
+    assert cli.main([*argv, "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| one_big (1 leaves, 0.0M) | sgd |" in table
+    result = json.loads(out.read_text())
+    assert [(r["tree"], r["optimizer"]) for r in result["rows"]] == [("one_big", "sgd")]
+    assert [r["optimizer"] for r in result["profile"]["rows"]] == ["sgd"]
+
+
+def _parse_error(capsys, monkeypatch, argv) -> str:
+    monkeypatch.setattr(cli, "_bench", _must_not_run)
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    return captured.err
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("ran although the arguments are wrong")
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--optimizers", "adam,lion"], "unknown optimizer 'lion'; choose from sgd, "),
+        (["--optimizers", ","], "no optimizer given"),
+        (["--quick", "--tiny"], "not allowed with argument --quick"),
+    ],
+)
+def test_cli_rejects_bad_arguments_while_parsing(capsys, monkeypatch, argv, match):
+    err = _parse_error(capsys, monkeypatch, ["bench", *argv])
+    assert err.startswith("treeopt bench: error: ") and match in err
+
+
+def test_cli_rejects_an_unknown_tree_before_running(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "run", _must_not_run)
+    assert cli.main(["bench", "--tiny", "--trees", "one_big,huge"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "treeopt bench: error: unknown tree 'huge'; choose from transformer, "
+        "many_small, one_big\n"
+    )
+
+
+def test_cli_fusion_option_needs_a_fresh_backend(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "run", _must_not_run)
+    jax.devices()  # started without the option: it can no longer be turned on
+    monkeypatch.setenv("XLA_FLAGS", "")  # restored by monkeypatch whatever happens
+    fusion._probe.cache_clear()
+    try:
+        assert cli.main(["bench", "--quick", "--xla-cpu-multi-output-fusion"]) == 2
+    finally:
+        fusion._probe.cache_clear()
+    err = capsys.readouterr().err
+    assert re.match(r"treeopt bench: error: JAX's CPU backend started before", err)

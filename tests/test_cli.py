@@ -1,6 +1,7 @@
 """The ``treeopt`` command line: a tiny demo end to end, and bad input."""
 
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from treeopt import cli
+from treeopt import cli, errors
 
 TINY = [
     "--steps", "4", "--evals", "2", "--context", "16", "--batch-size", "4",
@@ -167,7 +168,7 @@ def test_demo_out_naming_a_file(tmp_path, capsys, monkeypatch):
 
 def test_out_probe_makes_the_directory_and_leaves_it_empty(tmp_path):
     out = tmp_path / "new" / "dir"
-    cli.check_writable_dir(out, "--out")
+    errors.check_writable_dir(out, "--out")
     assert out.is_dir() and list(out.iterdir()) == []
 
 
@@ -198,9 +199,9 @@ def test_bench_checks_json_is_writable_before_running(
 def test_json_probe_keeps_an_existing_file_and_leaves_no_new_one(tmp_path):
     old = tmp_path / "old.json"
     old.write_text('{"rows": []}')
-    cli.check_writable_file(old, "--json")
+    errors.check_writable_file(old, "--json")
     assert old.read_text() == '{"rows": []}'
-    cli.check_writable_file(tmp_path / "new.json", "--json")
+    errors.check_writable_file(tmp_path / "new.json", "--json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.json"]
 
 
@@ -265,9 +266,9 @@ def test_ctrl_c_in_bench_keeps_the_finished_rows(tmp_path, capsys, monkeypatch):
 
     tiny = bench.config("tiny")
     trees = {k: tiny.trees[k] for k in ("one_big", "many_small")}
-    cfg = bench.dataclasses.replace(tiny, trees=trees, profile_shape=None)
+    cfg = dataclasses.replace(tiny, trees=trees, profile_shape=None)
     monkeypatch.setattr(bench, "config", lambda name: cfg)
-    _interrupt_at(monkeypatch, bench, "_time_row", 2)
+    _interrupt_at(monkeypatch, bench, "measure_row", 2)
     path = tmp_path / "r.json"
     argv = ["bench", "--quick", "--optimizers", "sgd", "--json", str(path)]
     assert cli.main(argv) == 130

@@ -1,6 +1,7 @@
 """XLA:CPU multi-output fusion (treeopt.fusion): the sibling form of a step
-computes the same bits, is used only where the XLA option works, and then
-compiles each elementwise leaf's step to one loop at the memory-traffic bound."""
+(``SiblingOutputs``) computes the same bits, the option is detected only where
+it works, and with it each elementwise leaf's step compiles to one loop at the
+memory-traffic bound."""
 
 import os
 import subprocess
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 import fusion_cases as fc
+import treeopt
 from treeopt import fusion
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -55,7 +57,7 @@ def _results(option_on: dict, case_id: str) -> dict:
 
 @pytest.mark.parametrize("case_id", list(fc.CASES))
 def test_same_bits_with_the_option_on_and_off(option_on, case_id):
-    off = fc.run_case(fc.CASES[case_id]())
+    off = fc.run_case(case_id, sibling=False)
     _assert_same_bits(_results(option_on, case_id), off, case_id)
 
 
@@ -73,39 +75,22 @@ def test_one_loop_per_leaf_with_the_option_on(option_on, case_id):
 
 
 @pytest.mark.parametrize("case_id", list(fc.CASES))
-def test_sibling_form_gives_the_same_bits_without_the_option(monkeypatch, case_id):
+def test_sibling_form_gives_the_same_bits_without_the_option(case_id):
     # Without XLA's multi-output fusion the sibling form is slower (copies) but
     # must still compute exactly what the plain step computes.
-    plain = fc.run_case(fc.CASES[case_id]())
-    monkeypatch.setattr(fusion, "cpu_multi_output_fusion", lambda: True)
-    sibling = fc.run_case(fc.CASES[case_id]())
-    _assert_same_bits(sibling, plain, case_id)
+    plain = fc.run_case(case_id, sibling=False)
+    _assert_same_bits(fc.run_case(case_id, sibling=True), plain, case_id)
 
 
-def test_off_unless_the_option_is_named(monkeypatch):
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
-    assert not fusion.cpu_multi_output_fusion()
-    monkeypatch.delenv("XLA_FLAGS")
-    assert not fusion.cpu_multi_output_fusion()
+def test_sibling_form_refuses_an_optimizer_with_reductions():
+    with pytest.raises(TypeError, match=r"elementwise optimizer.*Adafactor"):
+        fusion.SiblingOutputs(treeopt.Adafactor())
 
 
-def test_off_when_named_after_the_backend_started(monkeypatch):
-    # XLA reads $XLA_FLAGS once, when the backend starts: naming the option
-    # later must not switch to the sibling form, which would then copy every
-    # donated slot.
-    jax.devices()  # the backend starts here, without the option
-    fusion._probe.cache_clear()
-    monkeypatch.setenv("XLA_FLAGS", fusion.XLA_FLAGS)
-    try:
-        assert not fusion.cpu_multi_output_fusion()
-    finally:
-        fusion._probe.cache_clear()
-
-
-def _equations(case_id: str) -> int:
+def _equations(case_id: str, sibling: bool) -> int:
     """Equations of the traced tree_update of a case: the sibling form traces
     the step twice."""
-    opt = fc.CASES[case_id]()
+    opt = fc.optimizer(case_id, sibling)
     w = fc.make_tree(0)
     slots, op = opt.tree_init(w, store_slots=False)
 
@@ -115,28 +100,10 @@ def _equations(case_id: str) -> int:
     return len(jax.make_jaxpr(step)(w, w, slots).jaxpr.eqns)
 
 
-def test_sgd_has_no_slots_and_keeps_its_step(monkeypatch):
+def test_sgd_has_no_slots_and_keeps_its_step():
     # Nothing to fuse with one output: the sibling form must not double the trace.
-    plain = _equations("sgd")
-    monkeypatch.setattr(fusion, "cpu_multi_output_fusion", lambda: True)
-    assert _equations("sgd") == plain
-
-
-def test_use_sibling_outputs_forces_the_form_either_way(monkeypatch):
-    plain = _equations("adam")
-    try:
-        fusion.use_sibling_outputs(True)  # on any backend, option or not
-        assert fusion.sibling_outputs_enabled()
-        assert _equations("adam") > plain
-        monkeypatch.setattr(fusion, "cpu_multi_output_fusion", lambda: True)
-        fusion.use_sibling_outputs(False)
-        assert _equations("adam") == plain
-        fusion.use_sibling_outputs(None)  # back to detection (patched: on)
-        assert _equations("adam") > plain
-        with pytest.raises(TypeError, match="True, False or None"):
-            fusion.use_sibling_outputs("yes")
-    finally:
-        fusion.use_sibling_outputs(None)
+    assert _equations("sgd", sibling=True) == _equations("sgd", sibling=False)
+    assert _equations("adam", sibling=True) > _equations("adam", sibling=False)
 
 
 @pytest.mark.parametrize(
@@ -176,7 +143,7 @@ from treeopt import fusion
 fusion.enable_cpu_multi_output_fusion()
 import os
 print(os.environ["XLA_FLAGS"])
-print(len(jax.devices()), fusion.sibling_outputs_enabled())
+print(len(jax.devices()), fusion.cpu_multi_output_fusion())
 x = jax.ShapeDtypeStruct((4096,), jnp.float32)
 text = jax.jit(lambda a, b: (a + b, a * b)).lower(x, x).compile().as_text()
 print(sum(" fusion(" in line for line in text[text.index("ENTRY"):].splitlines()))
@@ -213,7 +180,7 @@ def test_enable_after_the_backend_started_raises_and_restores(monkeypatch):
         with pytest.raises(RuntimeError, match="started before"):
             fusion.enable_cpu_multi_output_fusion()
         assert os.environ["XLA_FLAGS"] == "--xla_dump_to=somewhere"
-        assert not fusion.sibling_outputs_enabled()
+        assert not fusion.cpu_multi_output_fusion()
         monkeypatch.delenv("XLA_FLAGS")
         with pytest.raises(RuntimeError, match="XLA_FLAGS="):
             fusion.enable_cpu_multi_output_fusion()

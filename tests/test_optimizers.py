@@ -66,3 +66,14 @@ def test_eager_equals_jit(cls, kwargs, case_id):
 
 def test_shapes_cover_ranks_zero_to_four():
     assert {len(s) for s in SHAPES} == {0, 1, 2, 3, 4}
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "case_id"), CASES, ids=[c[2] for c in CASES])
+@pytest.mark.parametrize("shape", [(), (5,), (3, 3), (4, 3), (2, 2, 2), (2, 3, 4, 5)])
+def test_declared_slot_axes_match_the_slots_init_creates(cls, kwargs, case_id, shape):
+    opt = cls(**kwargs)
+    slots = jax.eval_shape(opt.init, jax.ShapeDtypeStruct(shape, np.float32))
+    declared = [tuple(shape[a] for a in axes) for axes in opt.slot_axes(len(shape))]
+    assert declared == [x.shape for x in jax.tree.leaves(slots)], case_id
+    for axes in opt.slot_axes(len(shape)):
+        assert list(axes) == sorted(set(axes)), "axes in order, each once"

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import treeopt
-from treeopt import packed
+from treeopt import base, packed
 
 from cases import BF16_MOMENTUM, CASES
 from helpers import (
@@ -26,7 +26,7 @@ ALL_IDS = [c[2] for c in ALL]
 # One case per class (its first), plus bfloat16 momentum: the packed-weights loop.
 ONE_PER_CLASS = [c for i, c in enumerate(ALL) if c[0] not in [d[0] for d in ALL[:i]]]
 ONE_PER_CLASS.append(BF16_MOMENTUM)
-FLAT = [c for c in CASES if packed.is_elementwise(c[0](**c[1]))]
+FLAT = [c for c in CASES if base.is_elementwise(c[0](**c[1]))]
 FLAT_IDS = [c[2] for c in FLAT]
 
 
@@ -77,7 +77,7 @@ def test_packed_equals_per_leaf(cls, kwargs, _id):
     weights = mixed_tree(0)
     grads = [mixed_tree(10 + k, scale=0.5) for k in range(3)]
     (w_leaf, s_leaf), (w_pack, s_pack), path = run_both(opt, weights, grads)
-    if packed.is_elementwise(opt) and opt.clip_grad_norm is None:
+    if base.is_elementwise(opt) and opt.clip_grad_norm is None:
         # Elementwise math on the same numbers: equal to the last bit.
         assert_trees_equal(w_pack, w_leaf)
         assert_trees_equal(s_pack, s_leaf)

@@ -34,6 +34,7 @@ _SUBMODULES = frozenset(
         "adafactor",
         "adam",
         "base",
+        "checks",
         "fusion",
         "guard",
         "momentum",
@@ -41,6 +42,7 @@ _SUBMODULES = frozenset(
         "sharding",
         "sm3",
         "trainer",
+        "wrapper",
     }
 )
 

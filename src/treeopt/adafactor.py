@@ -1,7 +1,5 @@
 """Adafactor optimizer."""
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -51,6 +49,8 @@ class Adafactor(base.Optimizer):
     not to ``g**2`` before averaging (the same up to ``epsilon1`` in ``mean``);
     accepts ``clip_grad_norm``.
     """
+
+    structural = ("factored", "do_momentum", "momentum_in_bfloat16")
 
     def __init__(
         self,
@@ -169,28 +169,23 @@ class Adafactor(base.Optimizer):
         m = [jnp.zeros_like(w, jnp.bfloat16 if self._momentum_in_bfloat16 else None)]
         return stats + m if self._do_momentum else stats
 
-    def _prepare(
-        self, step: ArrayLike, opt_params: base.OptParams, dtype: Any
-    ) -> tuple[jax.Array, ...]:
-        names = ("learning_rate", "beta1", "decay_rate", "clipping_threshold")
-        lr, beta1, decay_rate, threshold = base.hyperparams(opt_params, dtype, *names)
-        names = ("weight_decay_rate", "weight_decay_n_steps", "epsilon1", "epsilon2")
-        wd, n, eps1, eps2 = base.hyperparams(opt_params, dtype, *names)
-        t = base.step_count(step, dtype)
-        rho = 1 - t ** (-decay_rate)
-        wd = jnp.where(n < 1, wd, wd * jnp.maximum(n - (t - 1), 0) / jnp.maximum(n, 1))
-        return lr, beta1, rho, threshold, 1 - wd, eps1, eps2
-
-    def _apply(
+    def update(
         self,
-        prepared: tuple[jax.Array, ...],
+        step: ArrayLike,
         grads: jax.Array,
         weights: jax.Array,
         slots: list[jax.Array],
+        opt_params: base.OptParams,
     ) -> tuple[jax.Array, list[jax.Array]]:
-        lr, beta1, rho, threshold, keep, eps1, eps2 = prepared
+        g, w = grads, weights
         stats, m_old = self._split(slots)
-        w, g, *stats = base.upcast(weights, grads, *stats)
+        names = ("learning_rate", "beta1", "decay_rate", "clipping_threshold")
+        lr, beta1, decay_rate, threshold = (opt_params[k] for k in names)
+        names = ("weight_decay_rate", "weight_decay_n_steps", "epsilon1", "epsilon2")
+        wd, n, eps1, eps2 = (opt_params[k] for k in names)
+        t = base.step_count(step, w.dtype)
+        rho = 1 - t ** (-decay_rate)
+        wd = jnp.where(n < 1, wd, wd * jnp.maximum(n - (t - 1), 0) / jnp.maximum(n, 1))
         # One fused pass per reduction (rows and columns of g**2, sum(y**2), w**2)
         # and one that writes w: neither g**2 nor y is ever stored.
         if self._is_factored(w):
@@ -221,9 +216,13 @@ class Adafactor(base.Optimizer):
         u = scale * y
         new_m = []
         if self._do_momentum:
-            u = beta1 * base.as_dtype(m_old, u.dtype) + (1 - beta1) * u
-            new_m = [base.as_dtype(u, m_old.dtype)]
-        w = keep * w - u
-        return base.as_dtype(w, weights.dtype), base.cast_like(
-            new_stats, list(slots[: len(new_stats)])
-        ) + new_m
+            u = beta1 * m_old + (1 - beta1) * u
+            new_m = [u]  # stored in m's dtype (bfloat16 if asked) by tree_update
+        w = (1 - wd) * w - u
+        return w, new_stats + new_m
+
+    def slot_axes(self, ndim: int) -> list[base.Axes]:
+        axes = base.all_axes(ndim)
+        factored = self._factored and ndim >= 2
+        stats = [axes[:-1], axes[:-2] + axes[-1:]] if factored else [axes]
+        return [*stats, axes] if self._do_momentum else stats

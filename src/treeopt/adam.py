@@ -1,7 +1,5 @@
 """Adam optimizer."""
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -24,7 +22,7 @@ class Adam(base.Optimizer):
     https://arxiv.org/abs/1412.6980.
     """
 
-    _elementwise = True
+    elementwise = True
 
     def __init__(
         self,
@@ -61,27 +59,25 @@ class Adam(base.Optimizer):
     def init(self, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
         return jnp.zeros_like(weights), jnp.zeros_like(weights)
 
-    def _prepare(
-        self, step: ArrayLike, opt_params: base.OptParams, dtype: Any
-    ) -> tuple[jax.Array, ...]:
-        names = ("learning_rate", "weight_decay_rate", "b1", "b2", "eps")
-        lr, wd, b1, b2, eps = base.hyperparams(opt_params, dtype, *names)
-        t = base.step_count(step, dtype)
-        # Reciprocals: one multiply per element instead of a divide.
-        return lr, 1 - wd, b1, b2, eps, 1 / (1 - b1**t), 1 / (1 - b2**t)
-
-    def _apply(
+    def update(
         self,
-        prepared: tuple[jax.Array, ...],
+        step: ArrayLike,
         grads: jax.Array,
         weights: jax.Array,
         slots: tuple[jax.Array, jax.Array],
+        opt_params: base.OptParams,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        lr, keep, b1, b2, eps, inv_correction1, inv_correction2 = prepared
-        w, g, m, v = base.upcast(weights, grads, *slots)
+        g, w, (m, v) = grads, weights, slots
+        names = ("learning_rate", "weight_decay_rate", "b1", "b2", "eps")
+        lr, wd, b1, b2, eps = (opt_params[k] for k in names)
+        t = base.step_count(step, w.dtype)
         m = (1 - b1) * g + b1 * m
         v = (1 - b2) * g**2 + b2 * v
-        mhat = m * inv_correction1
-        vhat = v * inv_correction2
-        w = keep * w - lr * mhat / (jnp.sqrt(vhat) + eps)
-        return base.as_dtype(w, weights.dtype), base.cast_like((m, v), slots)
+        # Reciprocals: one multiply per element instead of a divide.
+        mhat = m * (1 / (1 - b1**t))
+        vhat = v * (1 / (1 - b2**t))
+        w = (1 - wd) * w - lr * mhat / (jnp.sqrt(vhat) + eps)
+        return w, (m, v)
+
+    def slot_axes(self, ndim: int) -> list[base.Axes]:
+        return [base.all_axes(ndim)] * 2

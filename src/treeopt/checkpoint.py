@@ -30,19 +30,14 @@ except ModuleNotFoundError as e:
     raise ModuleNotFoundError(msg, name=e.name) from None
 
 _FORMAT = 1
-_NOT_OPTIONS = frozenset({"slots", "opt_params"})
 
 
 def describe(optimizer: base.Optimizer) -> dict[str, Any]:
-    """The optimizer's class, structural options (its read-only properties,
-    such as Adafactor's ``factored``) and opt_params names, as JSON data."""
-    options: dict[str, Any] = {}
-    for cls in reversed(type(optimizer).__mro__):
-        for name, attr in vars(cls).items():
-            if isinstance(attr, property) and not name.startswith("_"):
-                options[name] = attr
-    described = {}
-    for name in sorted(set(options) - _NOT_OPTIONS):
+    """The optimizer's class, structural options (those its class declares in
+    ``structural``, such as Adafactor's ``factored``: the ones that fix the
+    state's layout) and opt_params names, as JSON data."""
+    options = {}
+    for name in type(optimizer).structural:
         value = getattr(optimizer, name)
         if isinstance(value, base.Optimizer):
             value = describe(value)
@@ -50,11 +45,11 @@ def describe(optimizer: base.Optimizer) -> dict[str, Any]:
             value = value.name
         elif not isinstance(value, bool | int | float | str | type(None)):
             value = repr(value)
-        described[name] = value
+        options[name] = value
     cls = type(optimizer)
     return {
         "class": f"{cls.__module__}.{cls.__qualname__}",
-        "options": described,
+        "options": options,
         "opt_params": sorted(optimizer.opt_params),
     }
 
@@ -114,8 +109,10 @@ def _optimizer_mismatch(saved: dict, wanted: dict, prefix: str = "") -> list[str
     if saved["class"] != wanted["class"]:
         return [f"{prefix}class: saved {saved['class']}, now {wanted['class']}"]
     problems = []
-    for name in sorted(set(saved["options"]) | set(wanted["options"])):
-        s, w = saved["options"].get(name), wanted["options"].get(name)
+    # Only the options the class declares structural now: a checkpoint from a
+    # treeopt that recorded more (every property) still restores.
+    for name in sorted(wanted["options"]):
+        s, w = saved["options"].get(name), wanted["options"][name]
         if isinstance(s, dict) and isinstance(w, dict):
             problems += _optimizer_mismatch(s, w, f"{prefix}{name}.")
         elif s != w:

@@ -14,34 +14,20 @@ from __future__ import annotations
 import _thread
 import argparse
 import contextlib
+import dataclasses
 import functools
 import importlib
 import os
 import signal
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import treeopt
-
-
-class UsageError(Exception):
-    """Bad input to a subcommand; its message is shown as one line."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """A Ctrl-C after which a subcommand kept what had finished.
-
-    The message says what was kept (``main`` prints it after "interrupted");
-    ``result`` holds it for the caller.
-    """
-
-    def __init__(self, message: str, result: Any = None) -> None:
-        super().__init__(message)
-        self.result = result
+from treeopt import registry
+from treeopt.errors import Interrupted, UsageError, check_writable_file
 
 
 @contextlib.contextmanager
@@ -94,34 +80,6 @@ def _ctrl_c_to_main_thread() -> None:
         _thread.interrupt_main()
 
 
-def check_writable_dir(path: Path, flag: str) -> None:
-    """Creates directory ``path`` if needed and checks that a file can be made in
-    it, so that a run does not lose its results at the end."""
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{flag} {path} is not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".treeopt-probe-"):
-            pass
-    except OSError as e:
-        raise UsageError(f"{flag} {path}: {e.strerror or e}") from None
-
-
-def check_writable_file(path: Path, flag: str) -> None:
-    """Checks that file ``path`` can be written; an existing file is left as it
-    is (opened to append, nothing written) and a new one is removed again."""
-    if path.is_dir():
-        raise UsageError(f"{flag} {path} is a directory")
-    existed = path.exists()
-    try:
-        with open(path, "a"):
-            pass
-    except OSError as e:
-        raise UsageError(f"{flag} {path}: {e.strerror or e}") from None
-    if not existed:
-        path.unlink()
-
-
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line on stderr (exit status 2)."""
 
@@ -158,20 +116,15 @@ _nonnegative_int = _int_at_least(0, "non-negative")
 
 
 def _optimizer_names(text: str) -> tuple[str, ...]:
-    # Checked against the known names by the subcommand: knowing them means
-    # importing JAX (and for the demo Flax), which parsing does not do.
-    names = tuple(n.strip().lower() for n in text.split(",") if n.strip())
-    if not names:
-        raise argparse.ArgumentTypeError("no optimizer given")
-    return names
+    try:
+        return registry.parse_names(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _check_names(names: Sequence[str], known: Sequence[str]) -> None:
-    for name in names:
-        if name not in known:
-            raise UsageError(
-                f"unknown optimizer {name!r}; choose from {', '.join(known)}"
-            )
+_OPTIMIZERS_HELP = (
+    f"comma-separated subset of {','.join(registry.NAMES)} (default: all)"
+)
 
 
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
@@ -191,8 +144,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         "--optimizers",
         type=_optimizer_names,
         default=None,
-        help="comma-separated subset of sgd,momentum,rmsprop,adam,adafactor,sm3 "
-        "(default: all)",
+        help=_OPTIMIZERS_HELP,
     )
     p.add_argument(
         "--steps", type=_positive_int, default=400, help="steps per optimizer"
@@ -235,11 +187,9 @@ def _demo(args: argparse.Namespace) -> None:
     require_extra("demo", "demo", ("jax", "flax.linen", "matplotlib", "rich"))
     from treeopt import demo
 
-    names = args.optimizers or tuple(demo.OPTIMIZERS)
-    _check_names(names, tuple(demo.OPTIMIZERS))
     demo.run(
         demo.Config(
-            optimizers=names,
+            optimizers=args.optimizers or registry.NAMES,
             steps=args.steps,
             seed=args.seed,
             out=args.out,
@@ -255,6 +205,15 @@ def _demo(args: argparse.Namespace) -> None:
     )
 
 
+def _tree_names(text: str) -> tuple[str, ...]:
+    # Checked against the benchmark's trees by ``_bench``: they are known once
+    # the engine, and so JAX, is imported, which parsing does not do.
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("no tree given")
+    return names
+
+
 def _add_bench(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench",
@@ -263,19 +222,24 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
         "(interleaved, medians) on three trees and prints a markdown table.",
         formatter_class=_Help,
     )
-    p.add_argument("--quick", action="store_true", help="about a minute")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smaller trees: a minute")
+    size.add_argument("--tiny", action="store_true", help="tiny trees: checks it runs")
     p.add_argument("--json", type=Path, default=None, help="also write JSON here")
     p.add_argument(
-        "--optimizers",
-        type=_optimizer_names,
+        "--optimizers", type=_optimizer_names, default=None, help=_OPTIMIZERS_HELP
+    )
+    p.add_argument(
+        "--trees",
+        type=_tree_names,
         default=None,
-        help="comma-separated subset of sgd,momentum,rmsprop,adam,adafactor,sm3 "
-        "(default: all)",
+        help="comma-separated subset of the preset's trees (default: all)",
     )
     p.add_argument(
         "--xla-cpu-multi-output-fusion",
         action="store_true",
-        help="turn on XLA:CPU's multi-output fusion for the run (treeopt.fusion)",
+        help="turn on XLA:CPU's multi-output fusion for the run and time "
+        "treeopt's elementwise optimizers as fusion.SiblingOutputs",
     )
     p.set_defaults(func=_bench)
 
@@ -284,8 +248,14 @@ def _bench(args: argparse.Namespace) -> None:
     require_extra("bench", "optax", ("jax", "optax"))
     from treeopt import bench
 
-    names = args.optimizers or bench.OPTIMIZERS
-    _check_names(names, bench.OPTIMIZERS)
+    preset = "tiny" if args.tiny else "quick" if args.quick else "full"
+    cfg = bench.config(preset)
+    trees = args.trees or tuple(cfg.trees)
+    for name in trees:
+        if name not in cfg.trees:
+            raise UsageError(
+                f"unknown tree {name!r}; choose from {', '.join(cfg.trees)}"
+            )
     if args.json is not None:
         check_writable_file(args.json, "--json")
     if args.xla_cpu_multi_output_fusion:
@@ -295,12 +265,16 @@ def _bench(args: argparse.Namespace) -> None:
             fusion.enable_cpu_multi_output_fusion()
         except RuntimeError as e:
             raise UsageError(str(e)) from None
-    cfg = bench.config("quick" if args.quick else "full")
-    cfg = bench.dataclasses.replace(cfg, optimizers=names)
+    cfg = dataclasses.replace(
+        cfg,
+        trees={name: cfg.trees[name] for name in trees},
+        optimizers=args.optimizers or registry.NAMES,
+        sibling_outputs=args.xla_cpu_multi_output_fusion,
+    )
     log = lambda line: print(line, file=sys.stderr, flush=True)
     try:
         result = bench.run(cfg, log=log)
-    except Interrupted as e:
+    except Interrupted as e:  # the rows that finished
         _bench_report(e.result, args.json)
         raise
     _bench_report(result, args.json)

@@ -4,7 +4,8 @@ The corpus is the Python standard library's own source (every install has it),
 or any UTF-8 file given with ``--data``. Each optimizer starts from the same
 weights, sees the same batches and follows the same schedule shape (linear
 warmup over the first 10% of steps, then cosine decay), with its own peak
-learning rate from ``OPTIMIZERS``. Losses are reported in bits per character.
+learning rate (``registry.Entry.demo_learning_rate``). Losses are reported in
+bits per character.
 """
 
 from __future__ import annotations
@@ -24,25 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import treeopt
-from treeopt import schedules
-from treeopt.cli import Interrupted, UsageError, check_writable_dir
+from treeopt import registry, schedules
 from treeopt.demo_model import CharTransformer, cross_entropy, generate
+from treeopt.errors import Interrupted, UsageError, check_writable_dir
 
 if TYPE_CHECKING:
     from rich.progress import Progress
     from rich.table import Table
 
-# name -> optimizer at its peak learning rate. Each peak is the best of a sweep
-# over factors of about 3 (400 steps, the default model); every other argument
-# is Trax's default. SGD and Momentum clip the global gradient norm at 1.
-OPTIMIZERS: dict[str, Callable[[], treeopt.Optimizer]] = {
-    "sgd": lambda: treeopt.SGD(1.0, clip_grad_norm=1.0),
-    "momentum": lambda: treeopt.Momentum(0.3, clip_grad_norm=1.0),
-    "rmsprop": lambda: treeopt.RMSProp(3e-3),
-    "adam": lambda: treeopt.Adam(1e-2),
-    "adafactor": lambda: treeopt.Adafactor(0.03),
-    "sm3": lambda: treeopt.SM3(0.1),
-}
 _LN2 = math.log(2.0)
 VALIDATION_FRACTION = 0.1
 STDLIB_CHARS = 2_000_000  # corpus size read from the standard library
@@ -170,8 +160,9 @@ def train_one(
     progress: Progress,
 ) -> Run:
     """Trains a copy of ``params`` with optimizer ``name``; records the curves."""
-    optimizer = OPTIMIZERS[name]()
-    peak = float(optimizer.opt_params["learning_rate"])
+    entry = registry.ENTRIES[name]
+    peak = entry.demo_learning_rate
+    optimizer = entry.make(peak)
     warmup = max(1, cfg.steps // 10)
     schedule = schedules.multifactor(
         "constant * linear_warmup * cosine_decay",
@@ -282,7 +273,7 @@ def run(cfg: Config) -> None:
     """Trains every optimizer in ``cfg``, prints the table and a sample, and
     writes ``curves.csv``, ``results.json`` and ``demo.png`` into ``cfg.out``
     (checked writable first). On Ctrl-C, prints the table and writes the files
-    of the optimizers that finished, then raises ``cli.Interrupted``."""
+    of the optimizers that finished, then raises ``errors.Interrupted``."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,

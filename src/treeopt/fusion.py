@@ -1,4 +1,5 @@
-"""One loop per leaf on XLA:CPU, when its multi-output fusion is turned on.
+"""One loop per leaf on XLA:CPU, when its multi-output fusion is turned on: an
+opt-in at the edge, which the core never imports.
 
 XLA:CPU compiles each output of a step to a loop of its own: Adam's new ``m``,
 ``v`` and ``w`` are three passes over memory, 40 bytes per float32 parameter
@@ -7,18 +8,15 @@ jax 0.10; it is turned on for the process, before JAX starts its CPU backend::
 
     XLA_FLAGS=--xla_backend_extra_options=xla_cpu_use_multi_output_fusion
 
-It merges loops that read the same operands ("siblings") into one loop with
-several outputs, but not a loop into the loop that reads its output, and the
-weight update of Momentum, RMSProp and Adam reads the new slots. With the option
-on, ``Optimizer._leaf_fn`` runs such an optimizer's step through
-``sibling_outputs``, which computes the new weights from the inputs instead, so
-XLA emits one loop per leaf that reads ``g``, ``w`` and the slots once and writes
-``w`` and the slots once: the memory-traffic bound. Without the option that
-form would be slower (XLA copies each donated slot first), so it is used only
-when ``cpu_multi_output_fusion()`` has seen the option work.
-``enable_cpu_multi_output_fusion()``, called before the first JAX computation,
-sets the option from Python (``treeopt bench --xla-cpu-multi-output-fusion``
-does that).
+(or ``enable_cpu_multi_output_fusion()`` from Python, before the first JAX
+computation). It merges loops that read the same operands ("siblings") into one
+loop with several outputs, but not a loop into the loop that reads its output,
+and the weight update of Momentum, RMSProp and Adam reads the new slots.
+``SiblingOutputs(optimizer)`` computes the new weights from the inputs instead,
+so that XLA emits one loop per leaf that reads ``g``, ``w`` and the slots once
+and writes ``w`` and the slots once: the memory-traffic bound. Without the
+option that form is slower (XLA copies each donated slot first): wrap an
+optimizer only where ``cpu_multi_output_fusion()`` is true.
 """
 
 from __future__ import annotations
@@ -26,34 +24,16 @@ from __future__ import annotations
 import functools
 import os
 import re
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from treeopt import base
+from treeopt.wrapper import Wrapper
 
 OPTION = "xla_cpu_use_multi_output_fusion"
 XLA_FLAGS = f"--xla_backend_extra_options={OPTION}"
-
-
-_forced: bool | None = None
-
-
-def use_sibling_outputs(enabled: bool | None) -> None:
-    """Forces the sibling form of elementwise steps on (``True``) or off
-    (``False``) on any backend, or returns to detecting it (``None``: on when
-    ``cpu_multi_output_fusion()``). Takes effect at the next trace; for
-    measuring it elsewhere, e.g. on a GPU, whose XLA fuses multiple outputs by
-    default."""
-    global _forced
-    if enabled is not None and not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be True, False or None, got {enabled!r}")
-    _forced = enabled
-
-
-def sibling_outputs_enabled() -> bool:
-    """Whether ``Optimizer`` steps elementwise optimizers in the sibling form."""
-    return cpu_multi_output_fusion() if _forced is None else _forced
 
 
 def cpu_multi_output_fusion() -> bool:
@@ -130,30 +110,44 @@ def _probe() -> bool:
     return any(" = (" in line and " fusion(" in line for line in entry.splitlines())
 
 
-def sibling_outputs(step: Callable[..., tuple[Any, Any]]) -> Callable:
-    """``step(g, w, s) -> (new_w, new_s)`` rewritten so that ``new_w`` and
-    ``new_s`` are computed side by side from the inputs.
+class SiblingOutputs(Wrapper):
+    """An elementwise optimizer whose new weights and slots are computed side by
+    side from the inputs, for XLA:CPU's multi-output fusion (module docstring).
 
-    ``new_s`` comes from ``step`` as it is; ``new_w`` from a second call on the
-    same ``g, w, s`` passed through ``jax.lax.optimization_barrier``, which keeps
-    XLA from sharing the two calls' work (and so reading the stored ``new_s``).
-    Each unused half is dropped by XLA, but both are traced: the traced
-    program doubles (compile time grows by about a third on 500 small leaves).
-    The barrier also makes XLA write out a gradient computed just before it (a
-    clipped gradient, or one from the backward pass in the same jit): the step
-    is then one loop after that write. The same operations on the same values:
-    the tests find the same bits as ``step``'s for every elementwise optimizer,
-    option on or off (XLA:CPU contracts ``a * x + b * y`` into an FMA, and which
-    product it picks can depend on the loop around it, so the guarantee is the
-    tests', not XLA's). Without slots (SGD) ``step`` is used as it is.
+    Per leaf: ``new_s`` is the wrapped ``update`` as it is; ``new_w`` comes from
+    a second call on the same ``g, w, s`` passed through
+    ``jax.lax.optimization_barrier``, which keeps XLA from sharing the two calls'
+    work (and so reading the stored ``new_s``). Each unused half is dropped by
+    XLA, but both are traced: the traced program doubles. The barrier also makes
+    XLA write out a gradient computed just before it (a clipped gradient, or one
+    from the backward pass in the same jit). The same operations on the same
+    values: the tests find the same bits as the wrapped optimizer's. Without
+    slots (SGD) there is one output and nothing to fuse: the wrapped ``update``
+    is used as it is.
     """
 
-    def fused(g: Any, w: Any, s: Any) -> tuple[Any, Any]:
-        if not jax.tree.leaves(s):  # no slots (SGD): one output, nothing to fuse
-            return step(g, w, s)
-        _, new_s = step(g, w, s)
-        g2, w2, s2 = jax.lax.optimization_barrier((g, w, s))
-        new_w, _ = step(g2, w2, s2)
-        return new_w, new_s
+    def __init__(self, optimizer: base.Optimizer) -> None:
+        """Args:
+        optimizer: an elementwise treeopt optimizer (``base.is_elementwise``).
+        """
+        super().__init__(optimizer)
+        if not base.is_elementwise(optimizer):
+            raise TypeError(
+                f"SiblingOutputs needs an elementwise optimizer (SGD, Momentum, "
+                f"RMSProp, Adam); {type(optimizer).__name__} reduces over a leaf"
+            )
 
-    return fused
+    def update(
+        self,
+        step: ArrayLike,
+        grads: jax.Array,
+        weights: jax.Array,
+        slots: base.Slots,
+        opt_params: base.OptParams,
+    ) -> tuple[jax.Array, base.Slots]:
+        if not jax.tree.leaves(slots):  # no slots (SGD): one output, nothing to fuse
+            return self.inner.update(step, grads, weights, slots, opt_params)
+        _, new_s = self.inner.update(step, grads, weights, slots, opt_params)
+        g, w, s = jax.lax.optimization_barrier((grads, weights, slots))
+        new_w, _ = self.inner.update(step, g, w, s, opt_params)
+        return new_w, new_s

@@ -1,7 +1,5 @@
 """Momentum optimizer, with or without the Nesterov correction."""
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -26,7 +24,7 @@ class Momentum(base.Optimizer):
     the learning rate is called ``lr`` in the math, not ``epsilon``.
     """
 
-    _elementwise = True
+    elementwise = True
 
     def __init__(
         self,
@@ -64,24 +62,22 @@ class Momentum(base.Optimizer):
     def init(self, weights: jax.Array) -> jax.Array:
         return jnp.zeros_like(weights)
 
-    def _prepare(
-        self, step: ArrayLike, opt_params: base.OptParams, dtype: Any
-    ) -> tuple[jax.Array, ...]:
-        del step
-        names = ("learning_rate", "mass", "weight_decay_rate")
-        lr, mass, wd = base.hyperparams(opt_params, dtype, *names)
-        return lr, mass, 1 - wd
-
-    def _apply(
+    def update(
         self,
-        prepared: tuple[jax.Array, ...],
+        step: ArrayLike,
         grads: jax.Array,
         weights: jax.Array,
         slots: jax.Array,
+        opt_params: base.OptParams,
     ) -> tuple[jax.Array, jax.Array]:
-        lr, mass, keep = prepared
-        w, g, v = base.upcast(weights, grads, slots)
+        del step
+        g, w, v = grads, weights, slots
+        lr, mass, wd = (
+            opt_params[k] for k in ("learning_rate", "mass", "weight_decay_rate")
+        )
         v = mass * v + g
         u = mass * v + g if self._nesterov else v
-        w = keep * w - lr * u
-        return base.as_dtype(w, weights.dtype), base.as_dtype(v, slots.dtype)
+        return (1 - wd) * w - lr * u, v
+
+    def slot_axes(self, ndim: int) -> list[base.Axes]:
+        return [base.all_axes(ndim)]

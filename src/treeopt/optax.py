@@ -105,7 +105,6 @@ def to_optax(
             )
         base.check_nonnegative("learning_rate", learning_rate)
         learning_rate = functools.partial(_constant, jnp.float32(learning_rate))
-    guarded = isinstance(optimizer, guard.SkipNonFinite)
 
     def init(params: optax.Params) -> TreeoptState:
         slots, opt_params = optimizer.tree_init(params, store_slots=False)
@@ -127,16 +126,17 @@ def to_optax(
         if learning_rate is not None:
             lr = jnp.asarray(learning_rate(state.count), jnp.float32)
             opt_params = {**opt_params, "learning_rate": lr}
-        new_weights, slots, *metrics = optimizer.tree_update(
+        # Metrics nobody reads are dropped by XLA; a guard reports its skip there.
+        new_weights, slots, metrics = optimizer.tree_update(
             state.count,
             updates,
             params,
             state.slots,
             opt_params,
             store_slots=False,
-            with_metrics=guarded,
+            with_metrics=True,
         )
-        skip = metrics[0][guard.SKIPPED] if guarded else jnp.zeros((), jnp.int32)
+        skip = metrics.get(guard.SKIPPED, jnp.zeros((), jnp.int32))
         new_updates = jax.tree.map(_delta, new_weights, params)
         count = state.count + 1 - skip
         return new_updates, TreeoptState(count, slots, opt_params, state.skipped + skip)

@@ -8,12 +8,13 @@ fixes a weight tree's layout and keeps weights, gradients and slots in it:
   dtype, every leaf raveled and concatenated in flatten order (a leaf alone in
   its dtype stays as it is);
 - the others (Adafactor, SM3, any subclass): one stacked buffer per (shape,
-  dtype), updated with ``jax.vmap`` of the per-leaf ``update`` (or, as in
-  ``tree_update``, of ``_apply`` after one ``_prepare`` per compute dtype), so
-  per-leaf statistics (factored moments, sketches, parameter RMS) stay per
-  leaf; a leaf whose shape and dtype no other leaf has stays as it is.
+  dtype), updated with ``jax.vmap`` of the per-leaf ``update``, so per-leaf
+  statistics (factored moments, sketches, parameter RMS) stay per leaf; a leaf
+  whose shape and dtype no other leaf has stays as it is.
 
-Either way the packed step computes what ``tree_update`` computes, leaf by leaf;
+Either way the step is the optimizer's own ``apply`` (clipping, casts, metrics,
+a ``SkipNonFinite`` guard), with each group in place of a leaf: it computes what
+``tree_update`` computes, leaf by leaf;
 ``pack_slots``/``unpack_slots`` convert slots to and from the Trax per-leaf layout
 exactly. Keep weights packed between steps (``pack`` once, ``unpack`` inside the
 model: slices fuse into their consumers, and the gradient with respect to the
@@ -24,15 +25,13 @@ step, which on thousands of leaves costs more than it saves.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from treeopt import base, guard
-from treeopt.base import is_elementwise  # leaves of such an optimizer concatenate
+from treeopt import base
 
 PackedBuffers = tuple[jax.Array, ...]
 
@@ -53,11 +52,7 @@ class Packed:
             only its layout is kept.
         """
         self._opt = optimizer
-        # A SkipNonFinite wrapper guards the whole packed step (see ``update``);
-        # the layout and the per-group math are those of the optimizer inside.
-        self._guarded = isinstance(optimizer, guard.SkipNonFinite)
-        self._step_opt = optimizer.inner if self._guarded else optimizer
-        self._flat = is_elementwise(self._step_opt)
+        self._flat = base.is_elementwise(optimizer)
         leaves, self._treedef = jax.tree.flatten(weight_tree)
         # Arrays or anything with a shape and dtype (jax.ShapeDtypeStruct).
         leaves = [
@@ -99,7 +94,7 @@ class Packed:
             return jnp.concatenate([jnp.ravel(x) for x in parts])
         return jnp.stack(parts)
 
-    def _split(self, k: int, buf: jax.Array) -> list[jax.Array]:
+    def _pieces(self, k: int, buf: jax.Array) -> list[jax.Array]:
         members, offsets = self._groups[k], self._offsets[k]
         if len(members) == 1:
             return [jnp.array(buf, copy=True)]
@@ -118,7 +113,7 @@ class Packed:
         self._check_groups(packed, "packed buffers")
         leaves: list = [None] * len(self._shapes)
         for k, buf in enumerate(packed):
-            for i, x in zip(self._groups[k], self._split(k, buf), strict=True):
+            for i, x in zip(self._groups[k], self._pieces(k, buf), strict=True):
                 leaves[i] = x
         return jax.tree.unflatten(self._treedef, leaves)
 
@@ -154,25 +149,23 @@ class Packed:
             columns, struct = jax.tree.flatten(group_slots)
             # Flat: a slot column holds one entry per element of the weights.
             # Stacked: one slot leaf per weight leaf, along the stack axis.
-            split = [self._split(k, c) for c in columns]
+            split = [self._pieces(k, c) for c in columns]
             for j, i in enumerate(self._groups[k]):
                 slots[i] = jax.tree.unflatten(struct, [parts[j] for parts in split])
         return tuple(slots)
 
     # -------------------------------------------------------------- steps
 
-    def _apply(self, k: int, fn: Callable, in_axes: tuple, *args: Any) -> Any:
-        """``fn`` on group ``k``: vmapped over a stack, else direct."""
-        if self._flat or len(self._groups[k]) == 1:
-            return fn(*args)
-        return jax.vmap(fn, in_axes=in_axes)(*args)
+    def _stacked(self) -> list[bool]:
+        """Per group: whether it stacks several leaves along its first axis."""
+        return [not self._flat and len(m) > 1 for m in self._groups]
 
     def init(self, packed_weights: PackedBuffers) -> tuple[tuple, base.OptParams]:
         """``(packed_slots, opt_params)`` for packed weights."""
         self._check_groups(packed_weights, "packed weights")
         slots = tuple(
-            self._apply(k, self._opt.init, (0,), w)
-            for k, w in enumerate(packed_weights)
+            jax.vmap(self._opt.init)(w) if stacked else self._opt.init(w)
+            for w, stacked in zip(packed_weights, self._stacked(), strict=True)
         )
         return slots, dict(self._opt.opt_params)
 
@@ -189,7 +182,9 @@ class Packed:
         opt_params: base.OptParams,
         with_metrics: bool = False,
     ) -> tuple:
-        """One step on packed buffers, as ``tree_update(..., store_slots=False)``.
+        """One step on packed buffers, as ``tree_update(..., store_slots=False)``:
+        the optimizer's own ``apply``, each group one leaf (a stacked group's
+        ``update`` mapped over its leaves).
 
         Returns ``(packed_weights, packed_slots)``, plus the metrics dict
         (``gradients_l2`` before clipping, ``weights_l2`` before the step) with
@@ -200,34 +195,18 @@ class Packed:
         for name, x in (("grads", packed_grads), ("weights", packed_weights)):
             self._check_groups(x, f"packed {name}")
         self._check_groups(slots, "packed slots")
-        grad_norm = None
-        if with_metrics or self._opt.clip_grad_norm is not None:
-            grad_norm = base.l2_norm(packed_grads)
-        if self._opt.clip_grad_norm is not None:
-            clip = self._opt.clip_grad_norm
-            packed_grads = base.clip_to_norm(packed_grads, clip, grad_norm)
-        opt, prepared = self._step_opt, {}
-        new_w, new_s = [], []
-        groups = zip(packed_grads, packed_weights, slots, strict=True)
-        for k, (g, w, s) in enumerate(groups):
-            # As in tree_update: per-step scalars once per compute dtype.
-            fn = opt._leaf_fn(step, opt_params, base.compute_dtype(w), prepared)
-            w_new, s_new = self._apply(k, fn, (0, 0, 0), g, w, s)
-            new_w.append(base.as_dtype(w_new, w.dtype))
-            new_s.append(base.cast_like(s_new, s))
-        new_w, new_s = tuple(new_w), tuple(new_s)
-        metrics = {
-            "gradients_l2": grad_norm,
-            "weights_l2": base.l2_norm(packed_weights),
-        }
-        if self._guarded:  # as SkipNonFinite.tree_update: the whole step or nothing
-            ok = guard.all_finite(packed_grads)
-            new_w = guard.keep_if(ok, new_w, tuple(packed_weights))
-            new_s = guard.keep_if(ok, new_s, tuple(slots))
-            metrics[guard.SKIPPED] = (~ok).astype(jnp.int32)
+        new_w, new_s, metrics = self._opt.apply(
+            step,
+            [jnp.asarray(g) for g in packed_grads],
+            [jnp.asarray(w) for w in packed_weights],
+            list(slots),
+            opt_params,
+            with_metrics,
+            self._stacked(),
+        )
         if not with_metrics:
-            return new_w, new_s
-        return new_w, new_s, metrics
+            return tuple(new_w), tuple(new_s)
+        return tuple(new_w), tuple(new_s), metrics
 
     def tree_update(
         self,

@@ -1,7 +1,5 @@
 """RMSProp optimizer."""
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -22,7 +20,7 @@ class RMSProp(base.Optimizer):
     lecture 6.5 (2012).
     """
 
-    _elementwise = True
+    elementwise = True
 
     def __init__(
         self,
@@ -47,21 +45,19 @@ class RMSProp(base.Optimizer):
         # Ones, not zeros: Trax's choice, kept so that Trax slots load and match.
         return jnp.ones_like(weights)
 
-    def _prepare(
-        self, step: ArrayLike, opt_params: base.OptParams, dtype: Any
-    ) -> tuple[jax.Array, ...]:
-        del step
-        return base.hyperparams(opt_params, dtype, "learning_rate", "gamma", "eps")
-
-    def _apply(
+    def update(
         self,
-        prepared: tuple[jax.Array, ...],
+        step: ArrayLike,
         grads: jax.Array,
         weights: jax.Array,
         slots: jax.Array,
+        opt_params: base.OptParams,
     ) -> tuple[jax.Array, jax.Array]:
-        lr, gamma, eps = prepared
-        w, g, a = base.upcast(weights, grads, slots)
+        del step
+        g, w, a = grads, weights, slots
+        lr, gamma, eps = (opt_params[k] for k in ("learning_rate", "gamma", "eps"))
         a = gamma * a + (1 - gamma) * g**2
-        w = w - lr * g / (jnp.sqrt(a) + eps)
-        return base.as_dtype(w, weights.dtype), base.as_dtype(a, slots.dtype)
+        return w - lr * g / (jnp.sqrt(a) + eps), a
+
+    def slot_axes(self, ndim: int) -> list[base.Axes]:
+        return [base.all_axes(ndim)]

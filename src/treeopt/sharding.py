@@ -8,11 +8,9 @@ replicated along the others, so a jitted ``tree_update`` whose in and out
 shardings come from here moves no weight or slot between devices: only the
 reductions (global norms, Adafactor's means, SM3's maxima) communicate.
 
-Which axes a slot keeps is read from ``jax.eval_shape(optimizer.init, ...)``
-(no memory is allocated): each slot dimension is matched with the weight axis
-of the same size, on a probe weight with distinct sizes when the real one has
-repeated sizes (a square matrix). Any optimizer whose ``init`` builds slots
-from the weight's axes works without further code.
+Which axes a slot keeps is declared by the optimizer: ``slot_axes(ndim)``
+lists them for each slot array of a rank-``ndim`` weight (the tests check each
+declaration against the shapes ``init`` creates).
 """
 
 from __future__ import annotations
@@ -29,9 +27,6 @@ from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSha
 from treeopt import base
 
 PyTree = Any
-
-# Distinct sizes for a probe weight of any rank (a prime past 1000 per axis).
-_PROBE_SIZES = (1009, 1013, 1019, 1021, 1031, 1033, 1039, 1049, 1051, 1061, 1063)
 
 
 def _where(path: Any) -> str:
@@ -57,51 +52,25 @@ def _weight_info(path: Any, x: Any) -> tuple[tuple | None, int, Any, Sharding]:
     return tuple(x.shape), len(x.shape), x.dtype, sharding
 
 
-def _kept_axes(shape: tuple, slot_shape: tuple) -> list[int | None]:
-    """For each dimension of a slot, the weight axis of the same size (or None)."""
-    return [shape.index(d) if d in shape else None for d in slot_shape]
-
-
-def _check_probe(
-    optimizer: base.Optimizer, path: Any, shape: tuple, dtype: Any, probe: Any
-) -> None:
-    """Raises unless ``init`` lays out slots for ``shape`` as for the probe."""
-    real = jax.eval_shape(optimizer.init, jax.ShapeDtypeStruct(shape, dtype))
-    probe_shape, probe_slots = probe
-
-    def expected(p: jax.ShapeDtypeStruct) -> tuple:
-        kept = _kept_axes(probe_shape, p.shape)
-        return tuple(
-            d if i is None else shape[i] for i, d in zip(kept, p.shape, strict=True)
-        )
-
-    same = jax.tree.structure(real) == jax.tree.structure(probe_slots) and all(
-        r.shape == expected(p)
-        for r, p in zip(
-            jax.tree.leaves(real), jax.tree.leaves(probe_slots), strict=True
-        )
-    )
-    if not same:
-        raise ValueError(
-            f"{type(optimizer).__name__}.init lays out the slots of the weight at "
-            f"{_where(path)} (shape {shape}) unlike those of a weight of the same "
-            "rank with distinct sizes; cannot tell which weight axes they keep"
-        )
-
-
 def _leaf_slot_shardings(optimizer: base.Optimizer, path: Any, x: Any) -> Any:
     """The slot shardings of one weight leaf, laid out like ``init``'s output."""
     shape, ndim, dtype, sharding = _weight_info(path, x)
-    distinct = shape is not None and len(set(shape)) == ndim
-    if not distinct and ndim > len(_PROBE_SIZES):
-        raise ValueError(f"weight at {_where(path)} has rank {ndim} > 11")
-    probe_shape = shape if distinct else _PROBE_SIZES[:ndim]
-    probe = jax.eval_shape(optimizer.init, jax.ShapeDtypeStruct(probe_shape, dtype))
-    if shape is not None and not distinct:
-        _check_probe(optimizer, path, shape, dtype, (probe_shape, probe))
-    return jax.tree.map(
-        lambda s: _slot_sharding(sharding, ndim, _kept_axes(probe_shape, s.shape)),
-        probe,
+    # Without a shape (a NamedSharding alone) the layout is that of the rank.
+    like = jax.ShapeDtypeStruct(shape if shape is not None else (1,) * ndim, dtype)
+    slots = jax.eval_shape(optimizer.init, like)
+    axes = optimizer.slot_axes(ndim)
+    declared = [tuple(like.shape[a] for a in kept) for kept in axes]
+    made = [s.shape for s in jax.tree.leaves(slots)]
+    if declared != made:
+        raise ValueError(
+            f"{type(optimizer).__name__}.slot_axes({ndim}) declares slots of "
+            f"shapes {declared} for the weight at {_where(path)} (shape "
+            f"{like.shape}), but its init makes {made}: a layout that depends on "
+            "more than the rank cannot be sharded by its declaration"
+        )
+    return jax.tree.unflatten(
+        jax.tree.structure(slots),
+        [_slot_sharding(sharding, ndim, list(kept)) for kept in axes],
     )
 
 

@@ -1,7 +1,6 @@
 """SM3 optimizer."""
 
 import enum
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +95,8 @@ class SM3(base.Optimizer):
     slot lists passed in are never mutated; accepts ``clip_grad_norm``.
     """
 
+    structural = ("has_momentum", "graft", "momentum_type")
+
     def __init__(
         self,
         learning_rate: ArrayLike = 0.01,
@@ -159,27 +160,20 @@ class SM3(base.Optimizer):
         v2s = [jnp.zeros(s, w.dtype) for s in shapes] if self._graft else []
         return m, v1s, v2s
 
-    def _prepare(
-        self, step: ArrayLike, opt_params: base.OptParams, dtype: Any
-    ) -> tuple[jax.Array, ...]:
-        del step
-        names = ("learning_rate", "momentum", "second_moment_averaging", "weight_decay")
-        lr, b, b2, weight_decay = base.hyperparams(opt_params, dtype, *names)
-        c = jnp.where(b2 == 1, 1, 1 - b2).astype(dtype)
-        return lr, b, weight_decay, b2 / c, c
-
-    def _apply(
+    def update(
         self,
-        prepared: tuple[jax.Array, ...],
+        step: ArrayLike,
         grads: jax.Array,
         weights: jax.Array,
         slots: tuple,
+        opt_params: base.OptParams,
     ) -> tuple[jax.Array, tuple]:
-        lr, b, weight_decay, k, c = prepared
-        m_old, v1s_old, v2s_old = slots
-        w, g = base.upcast(weights, grads)
-        v1s, v2s = (base.upcast(w, *s)[1:] for s in (v1s_old, v2s_old))
-        acc, new_v1s = _accumulate(list(v1s), g, k, c)
+        del step
+        g, w, (m, v1s, v2s) = grads, weights, slots
+        names = ("learning_rate", "momentum", "second_moment_averaging", "weight_decay")
+        lr, b, b2, weight_decay = (opt_params[k] for k in names)
+        c = jnp.where(b2 == 1, 1, 1 - b2).astype(b2.dtype)
+        acc, new_v1s = _accumulate(list(v1s), g, b2 / c, c)
         pg = _precondition(acc, g)
         new_v2s = []
         if self._graft:
@@ -187,18 +181,19 @@ class SM3(base.Optimizer):
             acc2, new_v2s = _accumulate(list(v2s), g, one, one)
             pg_graft = _precondition(acc2, g)
             pg = pg * _norm(pg_graft) / (_norm(pg) + 1e-16)
-            new_v2s = base.cast_like(new_v2s, list(v2s_old))
         pg = pg + weight_decay * w
         new_m, u = [], pg
         if self._has_momentum:
-            m = base.as_dtype(m_old, w.dtype)
             if self._momentum_type == MomentumType.EMA:
                 m = (1 - b) * pg + b * m
                 u = m
             else:
                 m = pg + b * m
                 u = pg + b * m if self._momentum_type == MomentumType.NESTEROV else m
-            new_m = base.as_dtype(m, m_old.dtype)
-        new_v1s = base.cast_like(new_v1s, list(v1s_old))
-        w = w - u * lr
-        return base.as_dtype(w, weights.dtype), (new_m, new_v1s, new_v2s)
+            new_m = m
+        return w - u * lr, (new_m, new_v1s, new_v2s)
+
+    def slot_axes(self, ndim: int) -> list[base.Axes]:
+        m = [base.all_axes(ndim)] if self._has_momentum else []
+        v = [(i,) for i in range(ndim)] or [()]
+        return m + v * (2 if self._graft else 1)

@@ -124,8 +124,8 @@ class Trainer:
         rng: jax.Array,
         learning_rate: jax.Array | None,
     ) -> tuple:
-        """The pure step: loss, gradients, learning rate, ``tree_update``."""
-        step = step - skipped  # skipped steps never happened for the optimizer
+        """The pure step: loss, gradients, learning rate, ``tree_update`` (at
+        optimizer step ``step``; ``skipped`` counts the steps skipped so far)."""
         grad_fn = jax.value_and_grad(self._loss_and_aux, has_aux=True)
         (loss, aux), grads = grad_fn(weights, batch, rng)
         opt_params = dict(opt_params)
@@ -175,6 +175,12 @@ class Trainer:
         """
         explicit = step is not None
         step = step if explicit else self.step
+        # Skipped steps never happened for the optimizer: its step is the count
+        # of applied ones (on device: no host round trip); an explicit step is
+        # used as given.
+        opt_step = jnp.asarray(step, jnp.int32)
+        if not explicit:
+            opt_step = opt_step - self.skipped_nonfinite
         lr = None if learning_rate is None else jnp.asarray(learning_rate, jnp.float32)
         if self._layout is not None:
             batch = self._layout.put_batch(batch)
@@ -182,9 +188,7 @@ class Trainer:
             self.weights,
             self.slots,
             self.opt_params,
-            # The jitted step subtracts the skipped count; an explicit step is
-            # used as given (the addition is on device: no host round trip).
-            jnp.asarray(step, jnp.int32) + (self.skipped_nonfinite if explicit else 0),
+            opt_step,
             self.skipped_nonfinite,
             batch,
             rng,
