@@ -473,3 +473,28 @@ def test_step_that_is_not_a_scalar_raises():
     slots, p = opt.tree_init(w, store_slots=False)
     with pytest.raises(ValueError, match="step must be a scalar"):
         opt.tree_update(jnp.zeros(2, jnp.int32), w, w, slots, p, store_slots=False)
+
+
+@pytest.mark.parametrize(
+    "opt", [treeopt.Adam(), treeopt.Adafactor(), treeopt.SM3(momentum=0.0)]
+)
+def test_per_step_scalars_are_traced_once_per_step_not_per_leaf(opt):
+    # Bias corrections and decay schedules (pow, ==, <) do not grow with leaves.
+    def per_step_ops(n_leaves):
+        weights = [jnp.ones((3, 2))] * n_leaves
+        slots, params = opt.tree_init(weights, store_slots=False)
+        jaxpr = jax.make_jaxpr(
+            lambda k, w, s: opt.tree_update(k, w, w, s, params, store_slots=False)
+        )(0, weights, slots)
+        names = [e.primitive.name for e in jaxpr.jaxpr.eqns]
+        return sum(n in ("pow", "eq", "lt") for n in names)
+
+    assert per_step_ops(10) == per_step_ops(1) > 0
+
+
+def test_once_per_step_outside_a_step_just_calls():
+    calls = []
+    f = lambda x: calls.append(x) or 2 * x
+    assert treeopt.base.once_per_step(f, 3) == 6
+    assert treeopt.base.once_per_step(f, 3) == 6
+    assert calls == [3, 3]

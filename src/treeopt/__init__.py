@@ -42,6 +42,7 @@ _SUBMODULES = frozenset(
         "sharding",
         "sm3",
         "trainer",
+        "trax_checkpoint",
         "wrapper",
     }
 )

@@ -21,6 +21,16 @@ def _unshared(*xs: jax.Array) -> tuple[jax.Array, ...]:
     return jax.lax.optimization_barrier(xs)
 
 
+def _schedules(
+    step: ArrayLike, decay_rate: jax.Array, wd: jax.Array, n: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``rho = 1 - t**-decay_rate`` and ``1 - wd_t``, where ``wd_t`` decays
+    linearly to 0 over ``n`` steps (``n < 1``: constant), ``t = step + 1``."""
+    t = base.step_count(step, decay_rate.dtype)
+    wd = jnp.where(n < 1, wd, wd * jnp.maximum(n - (t - 1), 0) / jnp.maximum(n, 1))
+    return 1 - t ** (-decay_rate), 1 - wd
+
+
 class Adafactor(base.Optimizer):
     """Adafactor: Adam-like steps with a factored second moment and relative size.
 
@@ -183,9 +193,7 @@ class Adafactor(base.Optimizer):
         lr, beta1, decay_rate, threshold = (opt_params[k] for k in names)
         names = ("weight_decay_rate", "weight_decay_n_steps", "epsilon1", "epsilon2")
         wd, n, eps1, eps2 = (opt_params[k] for k in names)
-        t = base.step_count(step, w.dtype)
-        rho = 1 - t ** (-decay_rate)
-        wd = jnp.where(n < 1, wd, wd * jnp.maximum(n - (t - 1), 0) / jnp.maximum(n, 1))
+        rho, keep = base.once_per_step(_schedules, step, decay_rate, wd, n)
         # One fused pass per reduction (rows and columns of g**2, sum(y**2), w**2)
         # and one that writes w: neither g**2 nor y is ever stored.
         if self._is_factored(w):
@@ -218,7 +226,7 @@ class Adafactor(base.Optimizer):
         if self._do_momentum:
             u = beta1 * m_old + (1 - beta1) * u
             new_m = [u]  # stored in m's dtype (bfloat16 if asked) by tree_update
-        w = (1 - wd) * w - u
+        w = keep * w - u
         return w, new_stats + new_m
 
     def slot_axes(self, ndim: int) -> list[base.Axes]:

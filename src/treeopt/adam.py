@@ -7,6 +7,15 @@ from jax.typing import ArrayLike
 from treeopt import base
 
 
+def _per_step(
+    step: ArrayLike, wd: jax.Array, b1: jax.Array, b2: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``1 - wd``, ``1 / (1 - b1**t)`` and ``1 / (1 - b2**t)``, ``t = step + 1``
+    (reciprocals: each element then costs a multiply instead of a divide)."""
+    t = base.step_count(step, b1.dtype)
+    return 1 - wd, 1 / (1 - b1**t), 1 / (1 - b2**t)
+
+
 class Adam(base.Optimizer):
     """Adam with decoupled multiplicative weight decay (Trax's variant).
 
@@ -70,13 +79,12 @@ class Adam(base.Optimizer):
         g, w, (m, v) = grads, weights, slots
         names = ("learning_rate", "weight_decay_rate", "b1", "b2", "eps")
         lr, wd, b1, b2, eps = (opt_params[k] for k in names)
-        t = base.step_count(step, w.dtype)
+        keep, inv_c1, inv_c2 = base.once_per_step(_per_step, step, wd, b1, b2)
         m = (1 - b1) * g + b1 * m
         v = (1 - b2) * g**2 + b2 * v
-        # Reciprocals: one multiply per element instead of a divide.
-        mhat = m * (1 / (1 - b1**t))
-        vhat = v * (1 / (1 - b2**t))
-        w = (1 - wd) * w - lr * mhat / (jnp.sqrt(vhat) + eps)
+        mhat = m * inv_c1
+        vhat = v * inv_c2
+        w = keep * w - lr * mhat / (jnp.sqrt(vhat) + eps)
         return w, (m, v)
 
     def slot_axes(self, ndim: int) -> list[base.Axes]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -30,11 +31,8 @@ OptParams = dict[str, jax.Array]
 
 
 def compute_dtype(x: jax.Array) -> jnp.dtype:
-    """float32 for bfloat16/float16/float32 leaves, float64 for float64 leaves.
-
-    Spelled out rather than ``promote_types`` so that it also holds under
-    ``jax_numpy_dtype_promotion='strict'``.
-    """
+    """float32 for 16- and 32-bit float leaves, float64 for float64 ones (spelled
+    out, not ``promote_types``: it holds under strict dtype promotion too)."""
     dtype = jnp.dtype(x.dtype)
     return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
 
@@ -51,6 +49,25 @@ def as_dtype(x: ArrayLike, dtype: Any) -> jax.Array:
 def step_count(step: ArrayLike, dtype: Any) -> jax.Array:
     """``t = step + 1`` as a float of ``dtype`` (steps count from 0)."""
     return jnp.asarray(step).astype(dtype) + 1
+
+
+_memos = threading.local()  # the per-step memo of the ``apply`` running now
+
+
+def once_per_step(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, traced once per step for the same function and the same
+    argument objects: ``apply`` hands every leaf of a compute dtype the same
+    ``step`` and hyperparameter arrays, so per-step scalars (bias corrections,
+    decay schedules) cost one computation per step and dtype, not one per leaf.
+    Outside ``apply`` (``update`` called directly, or mapped over a stacked
+    group) it simply calls ``fn``."""
+    memo = getattr(_memos, "stack", None)
+    if not memo or memo[-1] is None:
+        return fn(*args)
+    key = (fn, *map(id, args))
+    if key not in memo[-1]:
+        memo[-1][key] = (fn(*args), args)  # args kept alive: their ids stay theirs
+    return memo[-1][key][0]
 
 
 def cast_like(new: Any, old: Any) -> Any:
@@ -317,20 +334,28 @@ class Optimizer:
             for dt in {compute_dtype(w) for w in weights}
         }
         new_weights, new_slots = [], []
-        for i, (g, w, s) in enumerate(zip(grads, weights, slots, strict=True)):
-            dt = compute_dtype(w)
-            update = self.update
-            if stacked is not None and stacked[i]:
-                update = jax.vmap(self.update, in_axes=(None, 0, 0, 0, None))
-            w_new, s_new = update(
-                step,
-                as_dtype(g, dt),
-                as_dtype(w, dt),
-                jax.tree.map(lambda x, dt=dt: as_dtype(x, dt), s),
-                params[dt],
-            )
-            new_weights.append(as_dtype(w_new, w.dtype))
-            new_slots.append(cast_like(s_new, s))
+        memo = _memos.__dict__.setdefault("stack", [])
+        memo.append({})  # see once_per_step
+        try:
+            for i, (g, w, s) in enumerate(zip(grads, weights, slots, strict=True)):
+                dt = compute_dtype(w)
+                update, mapped = self.update, stacked is not None and stacked[i]
+                if mapped:  # values traced under vmap must not outlive it
+                    update = jax.vmap(self.update, in_axes=(None, 0, 0, 0, None))
+                    memo.append(None)
+                w_new, s_new = update(
+                    step,
+                    as_dtype(g, dt),
+                    as_dtype(w, dt),
+                    jax.tree.map(lambda x, dt=dt: as_dtype(x, dt), s),
+                    params[dt],
+                )
+                if mapped:
+                    memo.pop()
+                new_weights.append(as_dtype(w_new, w.dtype))
+                new_slots.append(cast_like(s_new, s))
+        finally:
+            memo.pop()
         return new_weights, new_slots, metrics if with_metrics else {}
 
     def _slot_spec(self, w: jax.Array) -> tuple:
@@ -357,7 +382,6 @@ class SGD(Optimizer):
     elementwise = True
 
     def init(self, weights: jax.Array) -> None:
-        del weights
         return None
 
     def update(
@@ -372,5 +396,4 @@ class SGD(Optimizer):
         return weights - opt_params["learning_rate"] * grads, None
 
     def slot_axes(self, ndim: int) -> list[Axes]:
-        del ndim
         return []

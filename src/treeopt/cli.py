@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import importlib
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -288,6 +289,66 @@ def _bench_report(result: dict, json_path: Path | None) -> None:
         json_path.write_text(bench.to_json(result))
 
 
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, raw = (part.strip() for part in text.partition("="))
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"must be KEY=VALUE, got {text!r}")
+    words = {"true": True, "false": False, "none": None}
+    if raw.lower() in words:
+        return key, words[raw.lower()]
+    for parse in (int, float):
+        with contextlib.suppress(ValueError):
+            return key, parse(raw)
+    return key, raw
+
+
+def _add_import_trax(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "import-trax",
+        help="convert a Trax 1.4.1 training checkpoint to a treeopt checkpoint",
+        formatter_class=_Help,
+        description="Reads the checkpoint Trax's Loop.save_checkpoint wrote, checks "
+        "its slots against the optimizer and saves {'step': the next step, "
+        "'weights', 'slots', 'opt_params'} with treeopt.checkpoint under the "
+        "number of completed steps (needs the checkpoint extra).",
+    )
+    p.add_argument("basename", help="e.g. output_dir/model")
+    p.add_argument("--optimizer", type=str.lower, choices=registry.NAMES, required=True)
+    p.add_argument(
+        "--option",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a constructor argument Trax used, e.g. learning_rate=0.01",
+    )
+    p.add_argument("--out", type=Path, required=True, help="checkpoint directory")
+    p.set_defaults(func=_import_trax)
+
+
+def _import_trax(args: argparse.Namespace) -> None:
+    require_extra("import-trax", "checkpoint", ("jax", "orbax.checkpoint"))
+    from treeopt import checkpoint, trax_checkpoint
+    from treeopt.errors import check_writable_dir
+
+    # The registry builds configured optimizers; their class takes Trax's options.
+    entry = registry.ENTRIES[args.optimizer]
+    try:
+        opt = type(entry.make(entry.demo_learning_rate))(**dict(args.option))
+        ckpt = trax_checkpoint.load(args.basename, opt)
+    except (TypeError, ValueError, OSError, pickle.UnpicklingError) as e:
+        raise UsageError(" ".join(str(e).split())) from None
+    check_writable_dir(args.out, "--out")
+    state = dict(step=ckpt.step + 1, weights=ckpt.weights, slots=ckpt.slots)
+    state["opt_params"] = opt.opt_params
+    try:
+        checkpoint.save(args.out, ckpt.step, state, optimizer=opt)
+    except ValueError as e:
+        raise UsageError(" ".join(str(e).split())) from None
+    print(f"Trax checkpoint {args.basename}, read for {opt!r}:\n{ckpt.summary()}")
+    print(f"wrote treeopt checkpoint {args.out / str(ckpt.step)}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``treeopt`` with ``argv`` (default: ``sys.argv[1:]``); returns the
     exit status."""
@@ -303,6 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _add_demo(subparsers)
     _add_bench(subparsers)
+    _add_import_trax(subparsers)
     prog = "treeopt"
     hook = sys.unraisablehook
     sys.unraisablehook = functools.partial(_interrupt_again, hook)

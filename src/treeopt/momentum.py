@@ -77,7 +77,8 @@ class Momentum(base.Optimizer):
         )
         v = mass * v + g
         u = mass * v + g if self._nesterov else v
-        return (1 - wd) * w - lr * u, v
+        keep = base.once_per_step(jnp.subtract, 1, wd)  # 1 - wd, once per step
+        return keep * w - lr * u, v
 
     def slot_axes(self, ndim: int) -> list[base.Axes]:
         return [base.all_axes(ndim)]

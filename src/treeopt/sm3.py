@@ -72,6 +72,12 @@ def _accumulate(
     return acc, maxes
 
 
+def _decay(b2: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``k = b2 / c`` and ``c`` (1 if ``b2 == 1``, else ``1 - b2``), and 1."""
+    c = jnp.where(b2 == 1, 1, 1 - b2).astype(b2.dtype)
+    return b2 / c, c, jnp.ones_like(c)
+
+
 class SM3(base.Optimizer):
     """SM3: an AdaGrad-like method whose accumulators cost one vector per axis.
 
@@ -172,12 +178,11 @@ class SM3(base.Optimizer):
         g, w, (m, v1s, v2s) = grads, weights, slots
         names = ("learning_rate", "momentum", "second_moment_averaging", "weight_decay")
         lr, b, b2, weight_decay = (opt_params[k] for k in names)
-        c = jnp.where(b2 == 1, 1, 1 - b2).astype(b2.dtype)
-        acc, new_v1s = _accumulate(list(v1s), g, b2 / c, c)
+        k, c, one = base.once_per_step(_decay, b2)
+        acc, new_v1s = _accumulate(list(v1s), g, k, c)
         pg = _precondition(acc, g)
         new_v2s = []
-        if self._graft:
-            one = jnp.ones_like(c)  # v2 adds g**2 undecayed: k = c = 1
+        if self._graft:  # v2 adds g**2 undecayed: k = c = 1
             acc2, new_v2s = _accumulate(list(v2s), g, one, one)
             pg_graft = _precondition(acc2, g)
             pg = pg * _norm(pg_graft) / (_norm(pg) + 1e-16)
