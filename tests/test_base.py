@@ -360,13 +360,16 @@ class _Scaled(treeopt.Optimizer):
         return []
 
 
-def test_update_gets_every_input_in_the_compute_dtype_and_results_cast_back():
+@pytest.mark.parametrize(
+    "low", [jnp.bfloat16, pytest.param(jnp.float16, marks=needs_float16)]
+)
+def test_update_gets_every_input_in_the_compute_dtype_and_results_cast_back(low):
     opt = _Scaled(learning_rate=0.5)
     weights = [
         jnp.ones((2,)),
-        jnp.ones((3,), jnp.bfloat16),
+        jnp.ones((3,), low),
         jnp.ones(()),
-        jnp.ones((1, 2), jnp.float16),
+        jnp.ones((1, 2), low),
     ]
     grads = [jnp.full(w.shape, 0.25, w.dtype) for w in weights]
     slots, params = opt.tree_init(weights, store_slots=False)
