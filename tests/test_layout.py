@@ -224,3 +224,13 @@ def test_registry_names_are_the_only_list_of_optimizers():
         m for m, edges in GRAPH.items() for t, _ in edges if t.endswith("registry")
     }
     assert {"treeopt.cli", "treeopt.demo", "treeopt.bench.steps"} <= readers
+
+
+@pytest.mark.parametrize("name", registry.NAMES)
+def test_registry_class_names_are_the_classes_the_entries_make(name):
+    import treeopt
+
+    entry = registry.ENTRIES[name]
+    made = entry.make(entry.demo_learning_rate)
+    assert type(made) is getattr(treeopt, entry.class_name)
+    assert type(entry.make_matched(0.1)) is type(made)

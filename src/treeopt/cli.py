@@ -331,10 +331,9 @@ def _import_trax(args: argparse.Namespace) -> None:
     from treeopt import checkpoint, trax_checkpoint
     from treeopt.errors import check_writable_dir
 
-    # The registry builds configured optimizers; their class takes Trax's options.
-    entry = registry.ENTRIES[args.optimizer]
+    cls = getattr(treeopt, registry.ENTRIES[args.optimizer].class_name)
     try:
-        opt = type(entry.make(entry.demo_learning_rate))(**dict(args.option))
+        opt = cls(**dict(args.option))
         ckpt = trax_checkpoint.load(args.basename, opt)
     except (TypeError, ValueError, OSError, pickle.UnpicklingError) as e:
         raise UsageError(" ".join(str(e).split())) from None

@@ -25,10 +25,12 @@ class Entry:
     ``make(lr)`` is the optimizer as the demo trains it; ``make_matched(lr)``
     the treeopt side of the benchmark, with the hyperparameters of
     ``make_optax(lr)``, the closest optax configuration; ``demo_learning_rate``
-    is the demo's peak learning rate.
+    is the demo's peak learning rate; ``class_name`` names the class in
+    ``treeopt`` (a name: importing this module must not import JAX).
     """
 
     name: str
+    class_name: str  # the treeopt class, e.g. for options given by name
     demo_learning_rate: float
     make: Callable[[float], Optimizer]
     make_matched: Callable[[float], Optimizer]
@@ -56,6 +58,7 @@ ENTRIES: dict[str, Entry] = {
     for e in (
         Entry(
             name="sgd",
+            class_name="SGD",
             demo_learning_rate=1.0,
             make=lambda lr: treeopt.SGD(lr, clip_grad_norm=1.0),
             make_matched=lambda lr: treeopt.SGD(lr),
@@ -63,6 +66,7 @@ ENTRIES: dict[str, Entry] = {
         ),
         Entry(
             name="momentum",
+            class_name="Momentum",
             demo_learning_rate=0.3,
             make=lambda lr: treeopt.Momentum(lr, clip_grad_norm=1.0),
             make_matched=lambda lr: treeopt.Momentum(
@@ -72,6 +76,7 @@ ENTRIES: dict[str, Entry] = {
         ),
         Entry(
             name="rmsprop",
+            class_name="RMSProp",
             demo_learning_rate=3e-3,
             make=lambda lr: treeopt.RMSProp(lr),
             make_matched=lambda lr: treeopt.RMSProp(lr, gamma=0.9, eps=1e-8),
@@ -81,6 +86,7 @@ ENTRIES: dict[str, Entry] = {
         ),
         Entry(
             name="adam",
+            class_name="Adam",
             demo_learning_rate=1e-2,
             make=lambda lr: treeopt.Adam(lr),
             make_matched=lambda lr: treeopt.Adam(lr, weight_decay_rate=1e-5, eps=1e-5),
@@ -88,6 +94,7 @@ ENTRIES: dict[str, Entry] = {
         ),
         Entry(
             name="adafactor",
+            class_name="Adafactor",
             demo_learning_rate=0.03,
             make=lambda lr: treeopt.Adafactor(lr),
             make_matched=lambda lr: treeopt.Adafactor(lr, weight_decay_rate=0.0),
@@ -96,6 +103,7 @@ ENTRIES: dict[str, Entry] = {
         ),
         Entry(
             name="sm3",
+            class_name="SM3",
             demo_learning_rate=0.1,
             make=lambda lr: treeopt.SM3(lr),
             make_matched=lambda lr: treeopt.SM3(lr, momentum=0.9),
