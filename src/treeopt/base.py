@@ -325,6 +325,7 @@ class Optimizer:
         metrics = {}
         if with_metrics or self._clip_grad_norm is not None:
             grad_norm = l2_norm(grads)
+        if with_metrics:
             metrics = {"gradients_l2": grad_norm, "weights_l2": l2_norm(weights)}
         if self._clip_grad_norm is not None:
             grads = clip_to_norm(grads, self._clip_grad_norm, grad_norm)
@@ -356,7 +357,7 @@ class Optimizer:
                 new_slots.append(cast_like(s_new, s))
         finally:
             memo.pop()
-        return new_weights, new_slots, metrics if with_metrics else {}
+        return new_weights, new_slots, metrics
 
     def _slot_spec(self, w: jax.Array) -> tuple:
         """Structure and leaf shapes of ``init(w)``, cached per (shape, dtype)."""
